@@ -1,0 +1,336 @@
+//! A shard's state machine (openraft's `RaftStateMachine`): deterministic apply into the
+//! shard's sled tree, snapshots as checksummed files, and recovery when sled lost more than
+//! the WAL still holds.
+//!
+//! - **Apply**: every entry of an `apply` call (up to [`APPLY_CHUNK`]) becomes one sled batch
+//!   holding the data changes, the last applied log id and any new membership, so they never
+//!   disagree. Responses are sent after the batch is written. A storage failure is returned
+//!   as an error (openraft then stops the shard) instead of acknowledging anything.
+//! - **Snapshots** are built while openraft holds `&mut self` (so no apply runs: sled has no
+//!   point-in-time view), written to a temporary file, fsynced and renamed. The WAL is purged
+//!   by openraft only up to a snapshot that `build_snapshot` has returned, i.e. a durable one.
+//! - **Recovery** ([`StateMachine::open`]): sled's flush is not an fsync, so after a crash the
+//!   tree may be older than the WAL's purge point. The tree is then rebuilt from the latest
+//!   snapshot, and openraft replays the WAL from there.
+
+use std::collections::HashMap;
+use std::io;
+
+use futures::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+
+use crate::raft::command::VersionedValue;
+use crate::raft::{Command, CommandResult, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::storage::codec::{decode_serde, encode_serde};
+use crate::storage::{Error, SnapshotDir, SnapshotFile, SnapshotWriter, StateTree, Store, Versioned, Write};
+
+/// Entries applied per sled batch: bounds how long sled's process-wide lock is held.
+pub const APPLY_CHUNK: usize = 1024;
+
+/// One shard's state machine.
+pub struct StateMachine {
+    shard: u64,
+    tree: StateTree,
+    snapshots: SnapshotDir,
+    /// The current snapshot and its decoded meta.
+    current: Option<(SnapshotMeta, SnapshotFile)>,
+}
+
+impl std::fmt::Debug for StateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine")
+            .field("shard", &self.shard)
+            .field("snapshot", &self.current.as_ref().map(|(m, _)| m.last_log_id.clone()))
+            .finish()
+    }
+}
+
+/// Hands openraft the snapshot [`StateMachine`] built while applies were paused.
+pub struct SnapshotBuilder {
+    snapshot: Result<Snapshot, String>,
+}
+
+fn invalid(shard: u64, what: &str, e: String) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("shard {shard}: stored {what} does not decode: {e}"),
+    )
+}
+
+impl StateMachine {
+    /// Opens `shard`'s state machine in `store`. `purged` is the WAL's last purged log id for
+    /// the shard: if sled's tree is older than it, the tree is restored from the latest
+    /// snapshot (the WAL no longer holds the entries in between).
+    pub fn open(store: &Store, shard: u64, purged: Option<&LogId>) -> io::Result<StateMachine> {
+        let tree = store.state_tree(shard)?;
+        let snapshots = store.snapshot_dir(shard);
+        let current = match snapshots.latest()? {
+            Some(file) => {
+                let meta_bytes = file.verify()?;
+                let meta: SnapshotMeta =
+                    decode_serde(&meta_bytes).map_err(|e| invalid(shard, "snapshot meta", e))?;
+                Some((meta, file))
+            }
+            None => None,
+        };
+        let mut sm = StateMachine {
+            shard,
+            tree,
+            snapshots,
+            current,
+        };
+        let applied = sm.last_applied()?;
+        if let Some(purged) = purged
+            && applied.as_ref().is_none_or(|a| a.index() < purged.index())
+        {
+            sm.restore_from_snapshot(applied.as_ref(), purged)?;
+        }
+        Ok(sm)
+    }
+
+    fn restore_from_snapshot(&mut self, applied: Option<&LogId>, purged: &LogId) -> io::Result<()> {
+        let shard = self.shard;
+        let Some((meta, file)) = self.current.clone() else {
+            return Err(Error::corruption(
+                self.snapshots.path(),
+                0,
+                format!(
+                    "shard {shard}: the log is purged up to {purged} and the state machine is at \
+                     {applied:?}, but there is no snapshot to bridge the gap"
+                ),
+            )
+            .into());
+        };
+        if meta.last_log_id.as_ref().is_none_or(|s| s.index() < purged.index()) {
+            return Err(Error::corruption(
+                file.path(),
+                0,
+                format!(
+                    "shard {shard}: snapshot ends at {:?}, before the log's purge point {purged}",
+                    meta.last_log_id
+                ),
+            )
+            .into());
+        }
+        tracing::warn!(
+            shard,
+            applied = ?applied,
+            snapshot = ?meta.last_log_id,
+            "state machine is behind the log's purge point (sled lost its tail); restoring from snapshot"
+        );
+        self.load(&meta, &file)
+    }
+
+    /// Replaces the tree with the contents of a verified snapshot file.
+    fn load(&mut self, meta: &SnapshotMeta, file: &SnapshotFile) -> io::Result<()> {
+        let (_, pairs) = file.read()?;
+        let applied = meta.last_log_id.as_ref().map(encode_serde);
+        let membership = encode_serde(&meta.last_membership);
+        self.tree.replace(pairs, applied.as_deref(), Some(&membership))?;
+        Ok(())
+    }
+
+    /// The last applied log id.
+    pub fn last_applied(&self) -> io::Result<Option<LogId>> {
+        self.tree
+            .applied()?
+            .map(|b| decode_serde(&b).map_err(|e| invalid(self.shard, "applied log id", e)))
+            .transpose()
+    }
+
+    /// Reads a key's value and version from local state (no consistency check of its own).
+    pub fn get(&self, key: &[u8]) -> io::Result<Option<VersionedValue>> {
+        Ok(self.tree.get(key)?.map(|v| VersionedValue {
+            version: v.version,
+            value: v.value,
+        }))
+    }
+
+    fn build(&mut self) -> io::Result<Snapshot> {
+        let last_log_id = self.last_applied()?;
+        let (_, last_membership) = self.membership()?;
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+        };
+        let index = meta.last_log_id.as_ref().map_or(0, |l| l.index());
+        let name = self.snapshots.next_name(index)?;
+        let mut writer = SnapshotWriter::create(self.snapshots.path(), &name, &encode_serde(&meta))?;
+        for pair in self.tree.pairs() {
+            let (key, value) = pair?;
+            writer.push(&key, &value)?;
+        }
+        let file = writer.finish()?;
+        self.snapshots.remove_all_except(file.path())?;
+        tracing::info!(shard = self.shard, last = ?meta.last_log_id, bytes = file.len(), "built snapshot");
+        self.current = Some((meta.clone(), file.clone()));
+        Ok(Snapshot { meta, snapshot: file })
+    }
+
+    fn membership(&self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        let membership = match self.tree.membership()? {
+            Some(b) => decode_serde(&b).map_err(|e| invalid(self.shard, "membership", e))?,
+            None => StoredMembership::default(),
+        };
+        Ok((self.last_applied()?, membership))
+    }
+
+    /// Applies one chunk of entries as one sled batch and answers their responders.
+    fn apply_chunk(&mut self, chunk: Vec<EntryResponder<TypeConfig>>) -> io::Result<()> {
+        let Some(last) = chunk.last().map(|(e, _)| e.log_id.clone()) else {
+            return Ok(());
+        };
+        let mut overlay: HashMap<Vec<u8>, Option<Versioned>> = HashMap::new();
+        let mut writes = Vec::new();
+        let mut membership = None;
+        let mut replies = Vec::with_capacity(chunk.len());
+        for (entry, responder) in chunk {
+            let index = entry.log_id.index();
+            let result = match entry.payload {
+                EntryPayload::Blank => CommandResult::NoOp,
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id.clone()), m));
+                    CommandResult::NoOp
+                }
+                EntryPayload::Normal(cmd) => self.execute(cmd, index, &mut overlay, &mut writes)?,
+            };
+            replies.push((responder, result));
+        }
+        let membership = membership.as_ref().map(encode_serde);
+        self.tree
+            .apply(&writes, &encode_serde(&last), membership.as_deref())?;
+        for (responder, result) in replies {
+            if let Some(responder) = responder {
+                responder.send(result);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides one command against the tree plus the chunk's earlier writes (`overlay`).
+    fn execute(
+        &self,
+        cmd: Command,
+        index: u64,
+        overlay: &mut HashMap<Vec<u8>, Option<Versioned>>,
+        writes: &mut Vec<Write>,
+    ) -> io::Result<CommandResult> {
+        let current = |key: &[u8], overlay: &HashMap<Vec<u8>, Option<Versioned>>| match overlay.get(key) {
+            Some(v) => Ok::<_, io::Error>(v.clone()),
+            None => Ok(self.tree.get(key)?),
+        };
+        Ok(match cmd {
+            Command::Put { key, value } => {
+                set(overlay, writes, key, Some(value), index);
+                CommandResult::Put
+            }
+            Command::Delete { key } => {
+                let existed = current(&key, overlay)?.is_some();
+                set(overlay, writes, key, None, index);
+                CommandResult::Delete { existed }
+            }
+            Command::CompareAndSet { key, expected, new } => {
+                let now = current(&key, overlay)?;
+                if now.as_ref().map(|v| &v.value) == expected.as_ref() {
+                    set(overlay, writes, key, new, index);
+                    CommandResult::CasApplied
+                } else {
+                    CommandResult::CasFailed {
+                        current: now.map(|v| VersionedValue {
+                            version: v.version,
+                            value: v.value,
+                        }),
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Records a write of `key` (`None`: delete) at log `index` in the batch and the overlay.
+fn set(
+    overlay: &mut HashMap<Vec<u8>, Option<Versioned>>,
+    writes: &mut Vec<Write>,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    index: u64,
+) {
+    let versioned = value.map(|value| Versioned { version: index, value });
+    writes.push(match &versioned {
+        Some(v) => Write::Put(key.clone(), v.clone()),
+        None => Write::Delete(key.clone()),
+    });
+    overlay.insert(key, versioned);
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        self.snapshot.clone().map_err(io::Error::other)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        self.membership()
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut chunk = Vec::new();
+        while let Some(item) = entries.next().await {
+            chunk.push(item?);
+            if chunk.len() == APPLY_CHUNK {
+                self.apply_chunk(std::mem::take(&mut chunk))?;
+            }
+        }
+        self.apply_chunk(chunk)
+    }
+
+    async fn try_create_snapshot_builder(&mut self, _force: bool) -> Option<Self::SnapshotBuilder> {
+        Some(self.get_snapshot_builder().await)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let snapshot = self.build().map_err(|e| {
+            tracing::error!(shard = self.shard, error = %e, "building a snapshot failed");
+            format!("shard {}: building a snapshot failed: {e}", self.shard)
+        });
+        SnapshotBuilder { snapshot }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
+        let index = meta.last_log_id.as_ref().map_or(0, |l| l.index());
+        let name = self.snapshots.next_name(index)?;
+        let local = snapshot.copy_to(self.snapshots.path(), &name)?;
+        let file_meta: SnapshotMeta = decode_serde(&local.verify()?)
+            .map_err(|e| invalid(self.shard, "snapshot meta", e))?;
+        if &file_meta != meta {
+            return Err(Error::corruption(
+                local.path(),
+                0,
+                format!("snapshot file describes {file_meta:?}, but install was asked for {meta:?}"),
+            )
+            .into());
+        }
+        self.load(meta, &local)?;
+        self.snapshots.remove_all_except(local.path())?;
+        tracing::info!(shard = self.shard, last = ?meta.last_log_id, "installed snapshot");
+        self.current = Some((meta.clone(), local));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        Ok(self.current.as_ref().map(|(meta, file)| Snapshot {
+            meta: meta.clone(),
+            snapshot: file.clone(),
+        }))
+    }
+}

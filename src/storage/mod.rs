@@ -1,0 +1,208 @@
+//! Durable storage of one node, behind narrow seams: the Raft write-ahead log ([`wal`]), the
+//! shards' state-machine trees in sled ([`state_tree`]) and snapshot files ([`snapshot_file`]).
+//!
+//! This module knows nothing of Raft; the `raft` module encodes its types into the opaque bytes
+//! stored here. A data directory looks like:
+//!
+//! ```text
+//! <data-dir>/FORMAT            "kvnode data directory" + format version; checked on open
+//! <data-dir>/wal/              segments of the node-wide write-ahead log (+ LOCK)
+//! <data-dir>/sm/               the sled database holding every shard's state-machine tree
+//! <data-dir>/snapshots/<shard> snapshot files of each shard
+//! ```
+
+pub mod codec;
+pub mod error;
+pub mod snapshot_file;
+pub mod state_tree;
+pub mod wal;
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use error::{Error, Result};
+pub use snapshot_file::{SnapshotDir, SnapshotFile, SnapshotWriter};
+pub use state_tree::{StateTree, Versioned, Write};
+pub use wal::{Wal, WalOptions};
+
+/// On-disk format of a data directory written by this build. Bump it (and refuse old
+/// directories, or migrate them) whenever any file's format changes incompatibly.
+pub const DATA_DIR_FORMAT: u32 = 1;
+
+const FORMAT_FILE: &str = "FORMAT";
+const FORMAT_HEADER: &str = "kvnode data directory";
+
+/// Tunables of a node's storage.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Write-ahead log options.
+    pub wal: WalOptions,
+    /// sled's page cache for every shard's state machine together. sled's resident memory can
+    /// reach several times this (see openraft-sled.md, sled facts); default 64 MiB.
+    pub sled_cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            wal: WalOptions::default(),
+            sled_cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A node's open data directory: the WAL, the sled database and the snapshot folders.
+#[derive(Clone)]
+pub struct Store {
+    dir: PathBuf,
+    wal: Arc<Wal>,
+    db: sled::Db,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish()
+    }
+}
+
+impl Store {
+    /// Opens the data directory `dir`, creating it if it does not exist or is empty.
+    ///
+    /// Refuses a directory of another format ([`Error::UnsupportedFormat`]) or one with
+    /// foreign files and no format marker ([`Error::NotADataDir`]).
+    pub fn open(dir: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
+        let dir = dir.as_ref().to_path_buf();
+        check_or_create_format(&dir)?;
+        let wal = Arc::new(Wal::open(dir.join("wal"), options.wal)?);
+        let sm_path = dir.join("sm");
+        let db = sled::Config::new()
+            .path(&sm_path)
+            .cache_capacity(options.sled_cache_bytes)
+            .open()
+            .map_err(|source| Error::Sled {
+                path: sm_path.clone(),
+                source,
+            })?;
+        if db.was_recovered() {
+            tracing::debug!(path = %sm_path.display(), "opened existing state-machine store");
+        }
+        Ok(Store { dir, wal, db })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The node-wide write-ahead log.
+    pub fn wal(&self) -> &Arc<Wal> {
+        &self.wal
+    }
+
+    /// Opens `shard`'s state-machine tree.
+    pub fn state_tree(&self, shard: u64) -> Result<StateTree> {
+        StateTree::open(&self.db, &self.dir.join("sm"), shard)
+    }
+
+    /// `shard`'s snapshot folder.
+    pub fn snapshot_dir(&self, shard: u64) -> SnapshotDir {
+        SnapshotDir::new(self.dir.join("snapshots").join(shard.to_string()))
+    }
+
+    /// Flushes sled's buffers to the OS (not an fsync: see the module doc of [`state_tree`]).
+    pub fn flush_state(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(|source| Error::Sled {
+            path: self.dir.join("sm"),
+            source,
+        })
+    }
+}
+
+/// Checks `dir`'s FORMAT marker, or writes one if the directory is new.
+fn check_or_create_format(dir: &Path) -> Result<()> {
+    let path = dir.join(FORMAT_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => return parse_format(&path, &text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&path, e)),
+    }
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let foreign = fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .next()
+        .is_some();
+    if foreign {
+        return Err(Error::NotADataDir {
+            path: dir.to_owned(),
+        });
+    }
+    let tmp = dir.join("FORMAT.tmp");
+    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    writeln!(f, "{FORMAT_HEADER}\nformat {DATA_DIR_FORMAT}")
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+fn parse_format(path: &Path, text: &str) -> Result<()> {
+    let mut lines = text.lines();
+    let version = match (lines.next(), lines.next()) {
+        (Some(FORMAT_HEADER), Some(line)) => line
+            .strip_prefix("format ")
+            .and_then(|v| v.trim().parse::<u32>().ok()),
+        _ => None,
+    };
+    match version {
+        Some(DATA_DIR_FORMAT) => Ok(()),
+        Some(found) => Err(Error::UnsupportedFormat {
+            path: path.to_owned(),
+            found,
+            supported: DATA_DIR_FORMAT,
+        }),
+        None => Err(Error::corruption(path, 0, "unreadable FORMAT marker")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_directory_gets_a_format_marker_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        drop(Store::open(&data, StoreOptions::default()).unwrap());
+        let text = fs::read_to_string(data.join("FORMAT")).unwrap();
+        assert_eq!(text, format!("kvnode data directory\nformat {DATA_DIR_FORMAT}\n"));
+        drop(Store::open(&data, StoreOptions::default()).unwrap());
+    }
+
+    #[test]
+    fn another_format_version_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("FORMAT"), "kvnode data directory\nformat 99\n").unwrap();
+        match Store::open(dir.path(), StoreOptions::default()) {
+            Err(Error::UnsupportedFormat {
+                path,
+                found: 99,
+                supported: DATA_DIR_FORMAT,
+            }) => assert!(path.ends_with("FORMAT")),
+            other => panic!("expected UnsupportedFormat, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_foreign_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+        assert!(matches!(
+            Store::open(dir.path(), StoreOptions::default()),
+            Err(Error::NotADataDir { .. })
+        ));
+    }
+}

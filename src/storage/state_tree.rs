@@ -1,0 +1,374 @@
+//! One shard's state-machine data in sled: user keys with versioned values, plus the applied
+//! marker and membership, all in one tree so that one `apply_batch` updates them atomically.
+//!
+//! Layout (one `sled::Db` per node, shared by every shard):
+//! - tree `sm-meta`: shard id (u64 big-endian) → active generation (u64 big-endian);
+//! - tree `sm/<shard>/<generation>`: `d` + user key → version (u64 big-endian) + value bytes,
+//!   and `m/applied`, `m/membership` → opaque markers chosen by the caller.
+//!
+//! Installing a snapshot builds the next generation's tree, flushes, then flips the generation
+//! in `sm-meta` and drops the old tree. sled recovers a prefix of its log after a crash, so a
+//! reader sees either the old tree or the complete new one, and the applied marker always
+//! matches the data beside it. sled's flush is not an fsync (ARCHITECTURE.md); losing the tail
+//! of sled's log only makes the shard replay more of the WAL on open.
+//!
+//! This module knows nothing of Raft: markers are opaque bytes.
+
+use std::path::{Path, PathBuf};
+
+use crate::storage::error::{Error, Result};
+
+const META_TREE: &str = "sm-meta";
+const DATA_PREFIX: u8 = b'd';
+const APPLIED_KEY: &[u8] = b"m/applied";
+const MEMBERSHIP_KEY: &[u8] = b"m/membership";
+/// Pairs per sled batch while loading a snapshot: keeps sled's global lock hold short.
+const LOAD_BATCH: usize = 1024;
+
+/// A value with the log index of the write that produced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// Log index of the key's last write.
+    pub version: u64,
+    /// The value.
+    pub value: Vec<u8>,
+}
+
+impl Versioned {
+    /// The stored form: version as 8 big-endian bytes, then the value.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.value.len());
+        out.extend_from_slice(&self.version.to_be_bytes());
+        out.extend_from_slice(&self.value);
+        out
+    }
+
+    /// Parses the stored form; `None` if it is too short to hold a version.
+    pub fn decode(bytes: &[u8]) -> Option<Versioned> {
+        let version = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        Some(Versioned {
+            version,
+            value: bytes[8..].to_vec(),
+        })
+    }
+}
+
+/// One change to a key, as applied by [`StateTree::apply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Set the key.
+    Put(Vec<u8>, Versioned),
+    /// Remove the key.
+    Delete(Vec<u8>),
+}
+
+/// One shard's state-machine tree.
+pub struct StateTree {
+    db: sled::Db,
+    db_path: PathBuf,
+    shard: u64,
+    generation: u64,
+    tree: sled::Tree,
+}
+
+impl std::fmt::Debug for StateTree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateTree")
+            .field("shard", &self.shard)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+fn tree_name(shard: u64, generation: u64) -> String {
+    format!("sm/{shard}/{generation}")
+}
+
+fn data_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(DATA_PREFIX);
+    k.extend_from_slice(key);
+    k
+}
+
+impl StateTree {
+    /// Opens `shard`'s active tree in `db` (at `db_path`, used in errors), dropping trees of
+    /// other generations left by an interrupted snapshot install.
+    pub fn open(db: &sled::Db, db_path: &Path, shard: u64) -> Result<StateTree> {
+        let sled_err = |source| Error::Sled {
+            path: db_path.to_owned(),
+            source,
+        };
+        let meta = db.open_tree(META_TREE).map_err(sled_err)?;
+        let generation = match meta.get(shard.to_be_bytes()).map_err(sled_err)? {
+            Some(bytes) => u64::from_be_bytes(bytes.as_ref().try_into().map_err(|_| {
+                Error::corruption(
+                    db_path,
+                    0,
+                    format!("shard {shard}: generation marker of {} bytes", bytes.len()),
+                )
+            })?),
+            None => 0,
+        };
+        let prefix = format!("sm/{shard}/");
+        let active = tree_name(shard, generation);
+        for name in db.tree_names() {
+            if let Ok(name) = std::str::from_utf8(&name)
+                && name.starts_with(&prefix)
+                && name != active
+            {
+                tracing::info!(shard, tree = name, "dropping a state-machine tree left by an interrupted snapshot install");
+                db.drop_tree(name).map_err(sled_err)?;
+            }
+        }
+        let tree = db.open_tree(&active).map_err(sled_err)?;
+        Ok(StateTree {
+            db: db.clone(),
+            db_path: db_path.to_owned(),
+            shard,
+            generation,
+            tree,
+        })
+    }
+
+    fn sled_err(&self, source: sled::Error) -> Error {
+        Error::Sled {
+            path: self.db_path.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, detail: String) -> Error {
+        Error::corruption(
+            &self.db_path,
+            0,
+            format!("shard {} tree {}: {detail}", self.shard, self.generation),
+        )
+    }
+
+    /// The shard this tree belongs to.
+    pub fn shard(&self) -> u64 {
+        self.shard
+    }
+
+    /// Reads a user key.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Versioned>> {
+        match self.tree.get(data_key(key)).map_err(|e| self.sled_err(e))? {
+            None => Ok(None),
+            Some(bytes) => Versioned::decode(&bytes)
+                .map(Some)
+                .ok_or_else(|| self.corrupt(format!("value of {} bytes has no version", bytes.len()))),
+        }
+    }
+
+    /// The applied marker written by the last [`StateTree::apply`].
+    pub fn applied(&self) -> Result<Option<Vec<u8>>> {
+        self.meta_value(APPLIED_KEY)
+    }
+
+    /// The membership marker, if one was ever applied.
+    pub fn membership(&self) -> Result<Option<Vec<u8>>> {
+        self.meta_value(MEMBERSHIP_KEY)
+    }
+
+    fn meta_value(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .tree
+            .get(key)
+            .map_err(|e| self.sled_err(e))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Applies `writes` and the new `applied` (and `membership`, if given) markers in one
+    /// atomic sled batch.
+    pub fn apply(&self, writes: &[Write], applied: &[u8], membership: Option<&[u8]>) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for write in writes {
+            match write {
+                Write::Put(key, value) => batch.insert(data_key(key), value.encode()),
+                Write::Delete(key) => batch.remove(data_key(key)),
+            }
+        }
+        batch.insert(APPLIED_KEY, applied);
+        if let Some(m) = membership {
+            batch.insert(MEMBERSHIP_KEY, m);
+        }
+        self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))
+    }
+
+    /// Every user key with its stored (encoded [`Versioned`]) value, in key order. sled
+    /// iterators see concurrent writes: callers must pause applies while iterating.
+    pub fn pairs(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_ {
+        self.tree.scan_prefix([DATA_PREFIX]).map(move |item| {
+            let (k, v) = item.map_err(|e| self.sled_err(e))?;
+            Ok((k[1..].to_vec(), v.to_vec()))
+        })
+    }
+
+    /// Replaces the whole tree with `pairs` (user key, encoded value) and the given markers:
+    /// loads a new generation, flushes it, flips the generation marker, drops the old tree.
+    pub fn replace(
+        &mut self,
+        pairs: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>>,
+        applied: Option<&[u8]>,
+        membership: Option<&[u8]>,
+    ) -> Result<()> {
+        let next = self.generation + 1;
+        let name = tree_name(self.shard, next);
+        let sled_err = |source| Error::Sled {
+            path: self.db_path.clone(),
+            source,
+        };
+        // A tree of this generation can only be a leftover of an interrupted install.
+        self.db.drop_tree(&name).map_err(sled_err)?;
+        let tree = self.db.open_tree(&name).map_err(sled_err)?;
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        for pair in pairs {
+            let (key, value) = pair?;
+            if Versioned::decode(&value).is_none() {
+                return Err(self.corrupt(format!(
+                    "snapshot value of {} bytes has no version",
+                    value.len()
+                )));
+            }
+            batch.insert(data_key(&key), value);
+            in_batch += 1;
+            if in_batch == LOAD_BATCH {
+                tree.apply_batch(std::mem::take(&mut batch))
+                    .map_err(sled_err)?;
+                in_batch = 0;
+            }
+        }
+        if let Some(a) = applied {
+            batch.insert(APPLIED_KEY, a);
+        }
+        if let Some(m) = membership {
+            batch.insert(MEMBERSHIP_KEY, m);
+        }
+        tree.apply_batch(batch).map_err(sled_err)?;
+        self.db.flush().map_err(sled_err)?;
+
+        let meta = self.db.open_tree(META_TREE).map_err(sled_err)?;
+        meta.insert(self.shard.to_be_bytes(), &next.to_be_bytes())
+            .map_err(sled_err)?;
+        self.db.flush().map_err(sled_err)?;
+        let old = tree_name(self.shard, self.generation);
+        self.tree = tree;
+        self.generation = next;
+        self.db.drop_tree(old).map_err(sled_err)?;
+        Ok(())
+    }
+
+    /// Removes every key and marker (used when sled's state is unusable and a snapshot plus the
+    /// WAL will rebuild it).
+    pub fn clear(&mut self) -> Result<()> {
+        self.replace(std::iter::empty(), None, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db(dir: &Path) -> sled::Db {
+        sled::Config::new()
+            .path(dir)
+            .cache_capacity(8 << 20)
+            .open()
+            .unwrap()
+    }
+
+    fn v(version: u64, value: &str) -> Versioned {
+        Versioned {
+            version,
+            value: value.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn apply_is_visible_with_its_markers_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = db(dir.path());
+            let tree = StateTree::open(&db, dir.path(), 7).unwrap();
+            let writes = [
+                Write::Put(b"a".to_vec(), v(1, "x")),
+                Write::Put(b"b".to_vec(), v(1, "y")),
+                Write::Delete(b"a".to_vec()),
+            ];
+            tree.apply(&writes, b"applied-1", Some(b"members")).unwrap();
+            assert_eq!(tree.get(b"a").unwrap(), None);
+            assert_eq!(tree.get(b"b").unwrap(), Some(v(1, "y")));
+            db.flush().unwrap();
+        }
+        let db = db(dir.path());
+        let tree = StateTree::open(&db, dir.path(), 7).unwrap();
+        assert_eq!(tree.applied().unwrap().as_deref(), Some(&b"applied-1"[..]));
+        assert_eq!(tree.membership().unwrap().as_deref(), Some(&b"members"[..]));
+        let pairs: Vec<_> = tree.pairs().map(Result::unwrap).collect();
+        assert_eq!(pairs, vec![(b"b".to_vec(), v(1, "y").encode())]);
+    }
+
+    #[test]
+    fn shards_do_not_see_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db(dir.path());
+        let a = StateTree::open(&db, dir.path(), 1).unwrap();
+        let b = StateTree::open(&db, dir.path(), 2).unwrap();
+        a.apply(&[Write::Put(b"k".to_vec(), v(3, "a"))], b"x", None).unwrap();
+        assert_eq!(b.get(b"k").unwrap(), None);
+        assert_eq!(b.pairs().count(), 0);
+    }
+
+    #[test]
+    fn replace_swaps_the_whole_tree_and_drops_the_old_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db(dir.path());
+        let mut tree = StateTree::open(&db, dir.path(), 4).unwrap();
+        tree.apply(&[Write::Put(b"old".to_vec(), v(1, "o"))], b"a1", None)
+            .unwrap();
+        let pairs = (0..3000u64).map(|i| Ok((i.to_be_bytes().to_vec(), v(i, "n").encode())));
+        tree.replace(pairs, Some(b"a9"), Some(b"m9")).unwrap();
+        assert_eq!(tree.get(b"old").unwrap(), None);
+        assert_eq!(tree.pairs().count(), 3000);
+        assert_eq!(tree.applied().unwrap().as_deref(), Some(&b"a9"[..]));
+        let names: Vec<String> = db
+            .tree_names()
+            .iter()
+            .filter_map(|n| String::from_utf8(n.to_vec()).ok())
+            .filter(|n| n.starts_with("sm/4/"))
+            .collect();
+        assert_eq!(names, vec!["sm/4/1".to_string()]);
+        drop(tree);
+        let reopened = StateTree::open(&db, dir.path(), 4).unwrap();
+        assert_eq!(reopened.pairs().count(), 3000);
+    }
+
+    #[test]
+    fn a_half_built_generation_is_dropped_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db(dir.path());
+        let tree = StateTree::open(&db, dir.path(), 9).unwrap();
+        tree.apply(&[Write::Put(b"k".to_vec(), v(1, "live"))], b"a", None)
+            .unwrap();
+        // An install that died before flipping the generation marker.
+        db.open_tree("sm/9/1")
+            .unwrap()
+            .insert(b"dpartial", &b"xxxxxxxxjunk"[..])
+            .unwrap();
+        drop(tree);
+        let tree = StateTree::open(&db, dir.path(), 9).unwrap();
+        assert_eq!(tree.get(b"k").unwrap(), Some(v(1, "live")));
+        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"sm/9/1"));
+    }
+
+    #[test]
+    fn a_value_without_version_is_corruption_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db(dir.path());
+        let tree = StateTree::open(&db, dir.path(), 3).unwrap();
+        db.open_tree("sm/3/0").unwrap().insert(b"dk", &b"abc"[..]).unwrap();
+        assert!(matches!(tree.get(b"k"), Err(Error::Corruption { .. })));
+    }
+}
