@@ -17,8 +17,8 @@ struct Guard {
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, Guard> for Builder {
     async fn build(&self) -> Result<(Guard, LogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path().join("data"), StoreOptions::default())
-            .expect("open store");
+        let store =
+            Store::open(dir.path().join("data"), StoreOptions::default()).expect("open store");
         let shard = 3;
         let log = LogStore::new(store.wal().clone(), shard);
         let purged = log.last_purged().expect("log state");

@@ -45,9 +45,9 @@ impl Command {
     /// The key this command writes.
     pub fn key(&self) -> &[u8] {
         match self {
-            Command::Put { key, .. } | Command::Delete { key } | Command::CompareAndSet { key, .. } => {
-                key
-            }
+            Command::Put { key, .. }
+            | Command::Delete { key }
+            | Command::CompareAndSet { key, .. } => key,
         }
     }
 }
@@ -64,8 +64,11 @@ impl fmt::Display for Command {
             Command::CompareAndSet { expected, new, .. } => write!(
                 f,
                 "cas({shown:?}{more}, expected {}, new {})",
-                expected.as_ref().map_or("absent".to_string(), |v| format!("{} bytes", v.len())),
-                new.as_ref().map_or("delete".to_string(), |v| format!("{} bytes", v.len())),
+                expected
+                    .as_ref()
+                    .map_or("absent".to_string(), |v| format!("{} bytes", v.len())),
+                new.as_ref()
+                    .map_or("delete".to_string(), |v| format!("{} bytes", v.len())),
             ),
         }
     }

@@ -25,7 +25,9 @@ pub struct LogStore {
 
 impl Debug for LogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogStore").field("shard", &self.shard).finish()
+        f.debug_struct("LogStore")
+            .field("shard", &self.shard)
+            .finish()
     }
 }
 
@@ -94,7 +96,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 })?;
                 Some(entry.log_id)
             }
-            None => last_purged_log_id.clone(),
+            None => last_purged_log_id,
         };
         Ok(LogState {
             last_purged_log_id,
@@ -117,7 +119,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         )?;
         match rx.await {
             Ok(result) => result.map_err(io::Error::from),
-            Err(_) => Err(io::Error::other("write-ahead log closed before the vote was synced")),
+            Err(_) => Err(io::Error::other(
+                "write-ahead log closed before the vote was synced",
+            )),
         }
     }
 
@@ -135,7 +139,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .transpose()
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -166,6 +174,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        Ok(self.wal.purge(self.shard, log_id.index(), encode_serde(&log_id))?)
+        Ok(self
+            .wal
+            .purge(self.shard, log_id.index(), encode_serde(&log_id))?)
     }
 }

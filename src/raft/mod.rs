@@ -33,10 +33,34 @@ pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>
 /// A membership and the log id that introduced it.
 pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
 /// A snapshot handed to or from openraft.
-pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, crate::storage::SnapshotFile>;
+pub type Snapshot =
+    openraft::type_config::alias::SnapshotOf<TypeConfig, crate::storage::SnapshotFile>;
 
 /// Re-exports of openraft items that storage tests and tools need.
 pub mod openraft_types {
     pub use openraft::storage::{IOFlushed, LogState, RaftLogStorage, RaftStateMachine};
     pub use openraft::{EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder};
+}
+
+/// Builds a log id from its parts (for tools and tests that write logs without a running Raft).
+pub fn log_id(term: u64, node: u64, index: u64) -> LogId {
+    openraft::LogId::new(
+        <openraft::impls::leader_id_adv::LeaderId<u64, u64> as openraft::vote::RaftLeaderId>::new(
+            term, node,
+        ),
+        index,
+    )
+}
+
+/// Builds a vote for `node` in `term` (for tools and tests).
+pub fn vote(term: u64, node: u64) -> Vote {
+    openraft::impls::Vote::new(term, node)
+}
+
+/// Builds a log entry holding `command` (for tools and tests).
+pub fn normal_entry(log_id: LogId, command: Command) -> Entry {
+    openraft::Entry {
+        log_id,
+        payload: openraft::EntryPayload::Normal(command),
+    }
 }

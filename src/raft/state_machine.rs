@@ -21,9 +21,13 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 
 use crate::raft::command::VersionedValue;
-use crate::raft::{Command, CommandResult, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::raft::{
+    Command, CommandResult, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
+};
 use crate::storage::codec::{decode_serde, encode_serde};
-use crate::storage::{Error, SnapshotDir, SnapshotFile, SnapshotWriter, StateTree, Store, Versioned, Write};
+use crate::storage::{
+    Error, SnapshotDir, SnapshotFile, SnapshotWriter, StateTree, Store, Versioned, Write,
+};
 
 /// Entries applied per sled batch: bounds how long sled's process-wide lock is held.
 pub const APPLY_CHUNK: usize = 1024;
@@ -41,7 +45,10 @@ impl std::fmt::Debug for StateMachine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateMachine")
             .field("shard", &self.shard)
-            .field("snapshot", &self.current.as_ref().map(|(m, _)| m.last_log_id.clone()))
+            .field(
+                "snapshot",
+                &self.current.as_ref().map(|(m, _)| m.last_log_id),
+            )
             .finish()
     }
 }
@@ -102,7 +109,11 @@ impl StateMachine {
             )
             .into());
         };
-        if meta.last_log_id.as_ref().is_none_or(|s| s.index() < purged.index()) {
+        if meta
+            .last_log_id
+            .as_ref()
+            .is_none_or(|s| s.index() < purged.index())
+        {
             return Err(Error::corruption(
                 file.path(),
                 0,
@@ -127,7 +138,8 @@ impl StateMachine {
         let (_, pairs) = file.read()?;
         let applied = meta.last_log_id.as_ref().map(encode_serde);
         let membership = encode_serde(&meta.last_membership);
-        self.tree.replace(pairs, applied.as_deref(), Some(&membership))?;
+        self.tree
+            .replace(pairs, applied.as_deref(), Some(&membership))?;
         Ok(())
     }
 
@@ -156,7 +168,8 @@ impl StateMachine {
         };
         let index = meta.last_log_id.as_ref().map_or(0, |l| l.index());
         let name = self.snapshots.next_name(index)?;
-        let mut writer = SnapshotWriter::create(self.snapshots.path(), &name, &encode_serde(&meta))?;
+        let mut writer =
+            SnapshotWriter::create(self.snapshots.path(), &name, &encode_serde(&meta))?;
         for pair in self.tree.pairs() {
             let (key, value) = pair?;
             writer.push(&key, &value)?;
@@ -165,7 +178,10 @@ impl StateMachine {
         self.snapshots.remove_all_except(file.path())?;
         tracing::info!(shard = self.shard, last = ?meta.last_log_id, bytes = file.len(), "built snapshot");
         self.current = Some((meta.clone(), file.clone()));
-        Ok(Snapshot { meta, snapshot: file })
+        Ok(Snapshot {
+            meta,
+            snapshot: file,
+        })
     }
 
     fn membership(&self) -> io::Result<(Option<LogId>, StoredMembership)> {
@@ -178,7 +194,7 @@ impl StateMachine {
 
     /// Applies one chunk of entries as one sled batch and answers their responders.
     fn apply_chunk(&mut self, chunk: Vec<EntryResponder<TypeConfig>>) -> io::Result<()> {
-        let Some(last) = chunk.last().map(|(e, _)| e.log_id.clone()) else {
+        let Some(last) = chunk.last().map(|(e, _)| e.log_id) else {
             return Ok(());
         };
         let mut overlay: HashMap<Vec<u8>, Option<Versioned>> = HashMap::new();
@@ -190,7 +206,7 @@ impl StateMachine {
             let result = match entry.payload {
                 EntryPayload::Blank => CommandResult::NoOp,
                 EntryPayload::Membership(m) => {
-                    membership = Some(StoredMembership::new(Some(entry.log_id.clone()), m));
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     CommandResult::NoOp
                 }
                 EntryPayload::Normal(cmd) => self.execute(cmd, index, &mut overlay, &mut writes)?,
@@ -216,10 +232,11 @@ impl StateMachine {
         overlay: &mut HashMap<Vec<u8>, Option<Versioned>>,
         writes: &mut Vec<Write>,
     ) -> io::Result<CommandResult> {
-        let current = |key: &[u8], overlay: &HashMap<Vec<u8>, Option<Versioned>>| match overlay.get(key) {
-            Some(v) => Ok::<_, io::Error>(v.clone()),
-            None => Ok(self.tree.get(key)?),
-        };
+        let current =
+            |key: &[u8], overlay: &HashMap<Vec<u8>, Option<Versioned>>| match overlay.get(key) {
+                Some(v) => Ok::<_, io::Error>(v.clone()),
+                None => Ok(self.tree.get(key)?),
+            };
         Ok(match cmd {
             Command::Put { key, value } => {
                 set(overlay, writes, key, Some(value), index);
@@ -256,7 +273,10 @@ fn set(
     value: Option<Vec<u8>>,
     index: u64,
 ) {
-    let versioned = value.map(|value| Versioned { version: index, value });
+    let versioned = value.map(|value| Versioned {
+        version: index,
+        value,
+    });
     writes.push(match &versioned {
         Some(v) => Write::Put(key.clone(), v.clone()),
         None => Write::Delete(key.clone()),
@@ -306,17 +326,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder { snapshot }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotFile,
+    ) -> Result<(), io::Error> {
         let index = meta.last_log_id.as_ref().map_or(0, |l| l.index());
         let name = self.snapshots.next_name(index)?;
         let local = snapshot.copy_to(self.snapshots.path(), &name)?;
-        let file_meta: SnapshotMeta = decode_serde(&local.verify()?)
-            .map_err(|e| invalid(self.shard, "snapshot meta", e))?;
+        let file_meta: SnapshotMeta =
+            decode_serde(&local.verify()?).map_err(|e| invalid(self.shard, "snapshot meta", e))?;
         if &file_meta != meta {
             return Err(Error::corruption(
                 local.path(),
                 0,
-                format!("snapshot file describes {file_meta:?}, but install was asked for {meta:?}"),
+                format!(
+                    "snapshot file describes {file_meta:?}, but install was asked for {meta:?}"
+                ),
             )
             .into());
         }

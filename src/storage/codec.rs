@@ -129,8 +129,8 @@ pub fn encode_serde<T: serde::Serialize>(value: &T) -> Vec<u8> {
 
 /// Decodes a serde value from a whole buffer; trailing bytes are an error.
 pub fn decode_serde<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode_config())
-        .map_err(|e| e.to_string())?;
+    let (value, used) =
+        bincode::serde::decode_from_slice(bytes, bincode_config()).map_err(|e| e.to_string())?;
     if used != bytes.len() {
         return Err(format!(
             "{} trailing bytes after the payload",

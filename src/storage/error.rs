@@ -43,7 +43,9 @@ pub enum Error {
     },
 
     /// The directory holds files but is not a kvnode data directory (no `FORMAT` marker).
-    #[error("{path} is not empty and not a kvnode data directory (no FORMAT file); refusing to use it")]
+    #[error(
+        "{path} is not empty and not a kvnode data directory (no FORMAT file); refusing to use it"
+    )]
     NotADataDir {
         /// The directory.
         path: PathBuf,
@@ -104,7 +106,9 @@ impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match &e {
             Error::Io { source, .. } => source.kind(),
-            Error::Corruption { .. } | Error::UnsupportedFormat { .. } => io::ErrorKind::InvalidData,
+            Error::Corruption { .. } | Error::UnsupportedFormat { .. } => {
+                io::ErrorKind::InvalidData
+            }
             Error::InvalidLogOp { .. } => io::ErrorKind::InvalidInput,
             _ => io::ErrorKind::Other,
         };

@@ -178,14 +178,21 @@ mod tests {
         let data = dir.path().join("data");
         drop(Store::open(&data, StoreOptions::default()).unwrap());
         let text = fs::read_to_string(data.join("FORMAT")).unwrap();
-        assert_eq!(text, format!("kvnode data directory\nformat {DATA_DIR_FORMAT}\n"));
+        assert_eq!(
+            text,
+            format!("kvnode data directory\nformat {DATA_DIR_FORMAT}\n")
+        );
         drop(Store::open(&data, StoreOptions::default()).unwrap());
     }
 
     #[test]
     fn another_format_version_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("FORMAT"), "kvnode data directory\nformat 99\n").unwrap();
+        fs::write(
+            dir.path().join("FORMAT"),
+            "kvnode data directory\nformat 99\n",
+        )
+        .unwrap();
         match Store::open(dir.path(), StoreOptions::default()) {
             Err(Error::UnsupportedFormat {
                 path,

@@ -117,7 +117,11 @@ impl StateTree {
                 && name.starts_with(&prefix)
                 && name != active
             {
-                tracing::info!(shard, tree = name, "dropping a state-machine tree left by an interrupted snapshot install");
+                tracing::info!(
+                    shard,
+                    tree = name,
+                    "dropping a state-machine tree left by an interrupted snapshot install"
+                );
                 db.drop_tree(name).map_err(sled_err)?;
             }
         }
@@ -155,9 +159,9 @@ impl StateTree {
     pub fn get(&self, key: &[u8]) -> Result<Option<Versioned>> {
         match self.tree.get(data_key(key)).map_err(|e| self.sled_err(e))? {
             None => Ok(None),
-            Some(bytes) => Versioned::decode(&bytes)
-                .map(Some)
-                .ok_or_else(|| self.corrupt(format!("value of {} bytes has no version", bytes.len()))),
+            Some(bytes) => Versioned::decode(&bytes).map(Some).ok_or_else(|| {
+                self.corrupt(format!("value of {} bytes has no version", bytes.len()))
+            }),
         }
     }
 
@@ -316,7 +320,8 @@ mod tests {
         let db = db(dir.path());
         let a = StateTree::open(&db, dir.path(), 1).unwrap();
         let b = StateTree::open(&db, dir.path(), 2).unwrap();
-        a.apply(&[Write::Put(b"k".to_vec(), v(3, "a"))], b"x", None).unwrap();
+        a.apply(&[Write::Put(b"k".to_vec(), v(3, "a"))], b"x", None)
+            .unwrap();
         assert_eq!(b.get(b"k").unwrap(), None);
         assert_eq!(b.pairs().count(), 0);
     }
@@ -368,7 +373,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = db(dir.path());
         let tree = StateTree::open(&db, dir.path(), 3).unwrap();
-        db.open_tree("sm/3/0").unwrap().insert(b"dk", &b"abc"[..]).unwrap();
+        db.open_tree("sm/3/0")
+            .unwrap()
+            .insert(b"dk", &b"abc"[..])
+            .unwrap();
         assert!(matches!(tree.get(b"k"), Err(Error::Corruption { .. })));
     }
 }

@@ -25,6 +25,10 @@ pub struct ShardIndex {
     pub entries: BTreeMap<u64, Loc>,
     /// Vote, committed and purge markers.
     pub meta: ShardMeta,
+    /// Where the live log begins: the purge point + 1 after a purge, else the first index
+    /// appended since the log was last empty; `None` while the log is empty and unpurged.
+    /// Carried in every checkpoint, so a lost older segment shows up as missing entries.
+    pub start: Option<u64>,
 }
 
 impl ShardIndex {
@@ -78,6 +82,9 @@ impl ShardIndex {
     /// replacing any entries at or after `first_index`.
     pub fn append(&mut self, first_index: u64, count: usize, frame: Loc) {
         self.truncate_after(first_index.checked_sub(1));
+        if self.start.is_none() {
+            self.start = Some(first_index);
+        }
         for slot in 0..count {
             self.entries.insert(
                 first_index + slot as u64,
@@ -97,6 +104,10 @@ impl ShardIndex {
             }
             None => self.entries.clear(),
         }
+        let emptied = self.start.is_some_and(|s| after.is_none_or(|a| a < s));
+        if emptied && self.meta.purged.is_none() {
+            self.start = None;
+        }
     }
 
     /// Drops entries up to and including `upto` and records the purge marker. A purge at or
@@ -107,26 +118,30 @@ impl ShardIndex {
         }
         self.entries = self.entries.split_off(&(upto + 1));
         self.meta.purged = Some((upto, marker));
+        self.start = Some(upto + 1);
     }
 
     /// Applies checkpointed metadata, dropping entries the checkpoint's purge point covers.
-    pub fn apply_checkpoint(&mut self, meta: ShardMeta) {
+    pub fn apply_checkpoint(&mut self, meta: ShardMeta, start: Option<u64>) {
         if let Some((upto, _)) = &meta.purged {
             self.entries = self.entries.split_off(&(upto + 1));
         }
         self.meta = meta;
+        self.start = start;
     }
 
     /// Why this log is not contiguous from its purge point, if it is not.
     pub fn check_contiguous(&self) -> Result<(), String> {
-        if let (Some(first), Some(purged)) = (self.first_index(), self.purged_index())
-            && first != purged + 1
+        if let Some(first) = self.first_index()
+            && self.start != Some(first)
         {
-            return Err(format!(
-                "entries {}..{} are missing (purged up to {purged}, first entry {first})",
-                purged + 1,
-                first
-            ));
+            return Err(match self.start {
+                Some(start) => format!(
+                    "entries {start}..{first} are missing (the log starts at {start}, the first \
+                     entry found is {first})"
+                ),
+                None => format!("entry {first} found in a log recorded as empty"),
+            });
         }
         if let (Some(first), Some(last)) = (self.first_index(), self.last_index()) {
             let expected = (last - first + 1) as usize;
@@ -156,7 +171,10 @@ mod tests {
     fn append_truncate_purge_keep_the_log_contiguous() {
         let mut log = ShardIndex::default();
         assert_eq!(log.next_index(), 0);
-        assert!(log.check_append(7).is_ok(), "an empty, unpurged log may start anywhere");
+        assert!(
+            log.check_append(7).is_ok(),
+            "an empty, unpurged log may start anywhere"
+        );
         log.append(0, 5, FRAME);
         assert_eq!((log.first_index(), log.last_index()), (Some(0), Some(4)));
         log.append(3, 4, FRAME); // overwrite a suffix
@@ -166,7 +184,10 @@ mod tests {
         assert_eq!(log.last_index(), Some(4));
         log.purge(2, b"p2".to_vec());
         assert_eq!(log.first_index(), Some(3));
-        assert!(log.check_append(2).is_err(), "purged entries must not be overwritten");
+        assert!(
+            log.check_append(2).is_err(),
+            "purged entries must not be overwritten"
+        );
         log.purge(1, b"p1".to_vec()); // going backwards is ignored
         assert_eq!(log.purged_index(), Some(2));
         log.purge(10, b"p10".to_vec());
@@ -178,8 +199,25 @@ mod tests {
     #[test]
     fn contiguity_check_finds_missing_entries() {
         let mut log = ShardIndex::default();
-        log.meta.purged = Some((4, Vec::new()));
+        log.purge(4, Vec::new());
         log.entries.insert(7, FRAME);
         assert!(log.check_contiguous().unwrap_err().contains("5..7"));
+
+        // A log whose oldest entries sat in a lost segment: the checkpoint says it starts at 0.
+        let mut log = ShardIndex::default();
+        log.apply_checkpoint(ShardMeta::default(), Some(0));
+        log.append(11, 3, FRAME);
+        assert!(log.check_contiguous().unwrap_err().contains("0..11"));
+    }
+
+    #[test]
+    fn a_log_truncated_to_empty_may_restart_anywhere() {
+        let mut log = ShardIndex::default();
+        log.append(5, 3, FRAME);
+        log.truncate_after(Some(2));
+        assert_eq!(log.start, None);
+        log.append(3, 1, FRAME);
+        assert_eq!(log.start, Some(3));
+        log.check_contiguous().unwrap();
     }
 }

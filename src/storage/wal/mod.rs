@@ -47,6 +47,9 @@ use index::{Loc, ShardIndex};
 use record::{Envelope, Record};
 use segment::{Scanned, list_segments, scan, segment_path};
 
+/// A frame's position: `(segment, offset)`.
+type FrameKey = (u64, u64);
+
 /// Tunables of the write-ahead log.
 #[derive(Clone)]
 pub struct WalOptions {
@@ -303,7 +306,8 @@ impl Wal {
         };
 
         let mut out = Vec::with_capacity(locs.len());
-        let mut current: Option<((u64, u64), Vec<Vec<u8>>)> = None;
+        // The frame last read, keyed by (segment, offset), with its decoded entries.
+        let mut current: Option<(FrameKey, Vec<Vec<u8>>)> = None;
         for (index, loc) in locs {
             let key = (loc.segment, loc.offset);
             if current.as_ref().is_none_or(|(k, _)| *k != key) {
@@ -450,11 +454,12 @@ impl Wal {
         // Never rotate a segment holding only its checkpoint: a record larger than a segment
         // gets a segment of its own instead of rotating forever.
         let has_records = st.active.len > st.active.base_len;
-        if st.active.len + frame_len > shared.segment_bytes && has_records {
-            if let Err(e) = rotate(shared, &mut st) {
-                st.failed = Some(e.to_string());
-                return Err(e);
-            }
+        if st.active.len + frame_len > shared.segment_bytes
+            && has_records
+            && let Err(e) = rotate(shared, &mut st)
+        {
+            st.failed = Some(e.to_string());
+            return Err(e);
         }
 
         let synced_upto = st.synced_upto();
@@ -494,7 +499,11 @@ impl Wal {
                 .min()
                 .unwrap_or(st.active.id)
                 .min(st.active.id);
-            let doomed: Vec<u64> = st.segments.range(..oldest_needed).map(|(id, _)| *id).collect();
+            let doomed: Vec<u64> = st
+                .segments
+                .range(..oldest_needed)
+                .map(|(id, _)| *id)
+                .collect();
             for id in &doomed {
                 st.segments.remove(id);
             }
@@ -506,7 +515,10 @@ impl Wal {
         for id in &doomed {
             let path = segment_path(&self.shared.dir, *id);
             fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-            tracing::debug!(segment = id, "deleted WAL segment: every shard purged past it");
+            tracing::debug!(
+                segment = id,
+                "deleted WAL segment: every shard purged past it"
+            );
         }
         sync_dir(&self.shared.dir)?;
         self.shared
@@ -539,7 +551,13 @@ impl State {
 }
 
 /// Applies a record (just written, or replayed) to the in-memory indexes.
-fn apply(shards: &mut HashMap<u64, ShardIndex>, segment: u64, offset: u64, len: u32, record: &Record) {
+fn apply(
+    shards: &mut HashMap<u64, ShardIndex>,
+    segment: u64,
+    offset: u64,
+    len: u32,
+    record: &Record,
+) {
     match record {
         Record::Append {
             shard,
@@ -572,11 +590,17 @@ fn apply(shards: &mut HashMap<u64, ShardIndex>, segment: u64, offset: u64, len: 
             upto,
             marker,
         } => {
-            shards.entry(*shard).or_default().purge(*upto, marker.clone());
+            shards
+                .entry(*shard)
+                .or_default()
+                .purge(*upto, marker.clone());
         }
         Record::Checkpoint { shards: metas } => {
-            for (shard, meta) in metas {
-                shards.entry(*shard).or_default().apply_checkpoint(meta.clone());
+            for (shard, meta, start) in metas {
+                shards
+                    .entry(*shard)
+                    .or_default()
+                    .apply_checkpoint(meta.clone(), *start);
             }
         }
         Record::Seal { .. } => {}
@@ -614,7 +638,10 @@ fn rotate(shared: &Shared, st: &mut State) -> Result<()> {
         base_len: len,
     };
     st.synced = (next, len);
-    shared.stats.segments_created.fetch_add(1, Ordering::Relaxed);
+    shared
+        .stats
+        .segments_created
+        .fetch_add(1, Ordering::Relaxed);
     tracing::debug!(sealed = old, active = next, "rotated WAL segment");
     Ok(())
 }
@@ -633,16 +660,19 @@ fn create_segment(
         .create_new(true)
         .open(&path)
         .map_err(|e| Error::io(&path, e))?;
-    let mut metas: Vec<(u64, ShardMeta)> =
-        shards.iter().map(|(s, log)| (*s, log.meta.clone())).collect();
-    metas.sort_unstable_by_key(|(s, _)| *s);
+    let mut metas: Vec<(u64, ShardMeta, Option<u64>)> = shards
+        .iter()
+        .map(|(s, log)| (*s, log.meta.clone(), log.start))
+        .collect();
+    metas.sort_unstable_by_key(|(s, _, _)| *s);
     let mut buf = segment::encode_header(id).to_vec();
     Envelope::frame(
         0,
         &codec::encode(&Record::Checkpoint { shards: metas }),
         &mut buf,
     );
-    file.write_all_at(&buf, 0).map_err(|e| Error::io(&path, e))?;
+    file.write_all_at(&buf, 0)
+        .map_err(|e| Error::io(&path, e))?;
     syncer.sync(&file).map_err(|e| Error::io(&path, e))?;
     sync_dir(dir)?;
     Ok((file, buf.len() as u64))
@@ -656,14 +686,21 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Replays the segments in `dir` and returns the state to continue from.
 fn recover(dir: &Path, options: &WalOptions, stats: &Counters) -> Result<State> {
-    let ids = list_segments(dir)?;
-    // Only the newest contiguous run of segments is the log; anything older than a gap is left
-    // over from an interrupted deletion (checked below: no live entry may be missing).
-    let mut run_start = ids.len();
-    while run_start > 0 && (run_start == ids.len() || ids[run_start - 1] + 1 == ids[run_start]) {
-        run_start -= 1;
+    let run = list_segments(dir)?;
+    // Segments are created and deleted in id order, so the ids are contiguous; a hole means a
+    // file was lost, and with it entries or markers some shard may still need.
+    if let Some(w) = run.windows(2).find(|w| w[0] + 1 != w[1]) {
+        return Err(Error::corruption(
+            segment_path(dir, w[0] + 1),
+            0,
+            format!(
+                "WAL segment {} is missing (segments {} and {} exist)",
+                w[0] + 1,
+                w[0],
+                w[1]
+            ),
+        ));
     }
-    let (stale, run) = ids.split_at(run_start);
 
     let mut shards: HashMap<u64, ShardIndex> = HashMap::new();
     let mut segments: BTreeMap<u64, Arc<File>> = BTreeMap::new();
@@ -759,12 +796,6 @@ fn recover(dir: &Path, options: &WalOptions, stats: &Counters) -> Result<State> 
             }
         }
     };
-
-    for id in stale {
-        let path = segment_path(dir, *id);
-        tracing::warn!(segment = %path.display(), "removing a WAL segment older than a gap in the sequence");
-        fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-    }
 
     let synced = (active.id, active.len);
     Ok(State {

@@ -69,8 +69,8 @@ pub enum Record {
     /// First record of every segment: the metadata of every shard at the time the segment was
     /// opened.
     Checkpoint {
-        /// `(shard, meta)` pairs.
-        shards: Vec<(u64, ShardMeta)>,
+        /// `(shard, meta, start)`: the shard's markers and the index its live log starts at.
+        shards: Vec<(u64, ShardMeta, Option<u64>)>,
     },
     /// Last record of a segment that was closed in an orderly way; the next segment follows.
     Seal {
@@ -105,7 +105,10 @@ impl Envelope {
     /// Decodes a frame payload.
     pub fn decode(payload: &[u8]) -> Result<Envelope, String> {
         if payload.len() < 8 {
-            return Err(format!("record payload of {} bytes is too short", payload.len()));
+            return Err(format!(
+                "record payload of {} bytes is too short",
+                payload.len()
+            ));
         }
         let synced_upto = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
         let record = codec::decode::<Record>(&payload[8..])?;

@@ -64,11 +64,19 @@ pub fn encode_header(id: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
 fn check_header(path: &Path, id: u64, bytes: &[u8]) -> Result<()> {
     let h = &bytes[..SEGMENT_HEADER_LEN as usize];
     if h[0..8] != SEGMENT_MAGIC {
-        return Err(Error::corruption(path, 0, "not a kvnode WAL segment (bad magic)"));
+        return Err(Error::corruption(
+            path,
+            0,
+            "not a kvnode WAL segment (bad magic)",
+        ));
     }
     let crc = u32::from_le_bytes(h[20..24].try_into().expect("4 bytes"));
     if crc32fast::hash(&h[0..20]) != crc {
-        return Err(Error::corruption(path, 0, "segment header checksum mismatch"));
+        return Err(Error::corruption(
+            path,
+            0,
+            "segment header checksum mismatch",
+        ));
     }
     let format = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
     if format != SEGMENT_FORMAT {
