@@ -1,4 +1,80 @@
-//! kvnode (design doc written below once the layers settle).
+//! # kvnode
+//!
+//! A key-value store that an application embeds as a library and that scales out to a cluster
+//! of `kvnode` processes with the same API and the same data format. Keys map to a fixed set of
+//! shards by consistent hashing; every shard is one Raft group (openraft); every read names its
+//! consistency level and every reply says what was served.
+//!
+//! This crate doc is the design doc. `../shared/design/ARCHITECTURE.md` is the target; where
+//! the code differs, this page says so and why.
+//!
+//! ## The request path
+//!
+//! ```text
+//! client / Db API ─► router (key → shard → replica) ─► shard ─► raft (propose / read-index)
+//!                                                              ├► raft::LogStore ─► storage::wal   (fdatasync, group commit)
+//!                                                              └► raft::StateMachine ─► storage::state_tree (sled)
+//!                                                                                    └► storage::snapshot_file
+//! peer traffic ─► server::raft (shard id in every message) ─► that shard's Raft
+//! ```
+//!
+//! Modules import downward only: [`storage`] knows nothing of Raft (it stores opaque bytes);
+//! [`raft`] adapts openraft to storage and is the only module that names openraft types.
+//! Built so far: `storage` and `raft` (the durable core). The router, shards, node, server,
+//! client and binaries follow (see the module map).
+//!
+//! ## Durability: what "acknowledged" means
+//!
+//! A Raft log entry or vote is acknowledged to openraft only after an `fdatasync` that covers
+//! it has returned ([`storage::wal`]). sled's `flush` is `sync_file_range`, not an fsync, so
+//! the Raft log and votes do not live in sled: they live in a node-wide write-ahead log of our
+//! own (like TiKV's raft-engine or etcd's WAL):
+//!
+//! - **One log for every shard.** Appends and votes of all shards are framed (length, CRCs,
+//!   format version, bincode payload), written with `pwrite` (readable at once), and made
+//!   durable by one group-commit thread: one `fdatasync` covers everything pending, then the
+//!   callbacks fire in write order. Votes and entries share the order, so neither can become
+//!   durable before an earlier write of the other (openraft's IO-ordering rule).
+//! - **Recovery** replays the segments: a torn tail (bytes after the last sync) is cut off, and
+//!   the surviving tail is fsynced before anything is reported as stored; damage anywhere else
+//!   is [`storage::Error::Corruption`] naming the segment and offset. A record carries the
+//!   writer's durable watermark, which is how a bad record in synced data is told from a torn
+//!   write. A lost segment shows up as missing entries (every segment starts with a checkpoint
+//!   of every shard's markers and log start), never as a silently shorter log.
+//! - **Space**: a segment is deleted once every shard has purged past it.
+//! - **A failed fsync stops the log** ([`storage::Error::WalFailed`]): after a failed fsync the
+//!   kernel may have dropped the dirty pages, so retrying could acknowledge lost data.
+//!
+//! Each shard's state machine lives in sled (one `sled::Db` per node, a tree per shard). An
+//! apply writes data, the last applied log id and any membership in one batch, so sled's prefix
+//! recovery keeps them consistent. sled's own (lazy) durability is enough: after a crash a
+//! shard replays the WAL from its last applied index, and if sled lost more than the WAL still
+//! holds (it was purged behind a snapshot), the state machine is restored from the snapshot
+//! file first. Snapshots are checksummed files, fsynced and renamed into place; the WAL is
+//! purged only up to a snapshot that is already durable.
+//!
+//! ## Guarantees (target; see ARCHITECTURE.md "Consistency contract")
+//!
+//! - Writes (put, delete, compare-and-set) commit through the shard's Raft log on a majority;
+//!   compare-and-set is decided in the state machine at apply time, so every replica reaches the
+//!   same outcome ([`raft::StateMachine::apply_entries`]).
+//! - Reads name a level: linearizable (default), lease, session, bounded staleness, eventual.
+//! - Errors say whether an outcome is definite or indeterminate.
+//!
+//! ## Non-goals
+//!
+//! Multi-key transactions; changing the shard count of an existing cluster (it is fixed at
+//! creation, as in Garage); byzantine peers (the peer port is for trusted nodes only).
+//!
+//! ## Module map
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`storage`] | the data directory: [`storage::wal`] (segments, group commit, recovery), [`storage::state_tree`] (sled trees per shard), [`storage::snapshot_file`] (snapshot files), [`storage::codec`] (framing) |
+//! | [`raft`] | openraft type config, [`raft::Command`], [`raft::LogStore`], [`raft::StateMachine`] |
+//! | *next* | `config`, `sharding` (ring), `cluster` (membership, placement), `shard`, `consistency`, `router`, `node`, `server`, `client`, `bin/kvnode`, `bin/kvctl` |
+
+#![deny(missing_docs)]
 
 pub mod raft;
 pub mod storage;

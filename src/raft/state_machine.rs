@@ -22,7 +22,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 
 use crate::raft::command::VersionedValue;
 use crate::raft::{
-    Command, CommandResult, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
+    Command, CommandResult, Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
 };
 use crate::storage::codec::{decode_serde, encode_serde};
 use crate::storage::{
@@ -194,34 +194,42 @@ impl StateMachine {
 
     /// Applies one chunk of entries as one sled batch and answers their responders.
     fn apply_chunk(&mut self, chunk: Vec<EntryResponder<TypeConfig>>) -> io::Result<()> {
-        let Some(last) = chunk.last().map(|(e, _)| e.log_id) else {
-            return Ok(());
+        let (entries, responders): (Vec<_>, Vec<_>) = chunk.into_iter().unzip();
+        let results = self.apply_entries(entries)?;
+        for (responder, result) in responders.into_iter().zip(results) {
+            if let Some(responder) = responder {
+                responder.send(result);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `entries` (consecutive, committed) as one atomic sled batch: their data changes,
+    /// the last applied log id and any membership. Returns each entry's result, in order.
+    /// Later entries see earlier entries' writes (a CAS after a put in the same batch).
+    pub fn apply_entries(&mut self, entries: Vec<Entry>) -> io::Result<Vec<CommandResult>> {
+        let Some(last) = entries.last().map(|e| e.log_id) else {
+            return Ok(Vec::new());
         };
         let mut overlay: HashMap<Vec<u8>, Option<Versioned>> = HashMap::new();
         let mut writes = Vec::new();
         let mut membership = None;
-        let mut replies = Vec::with_capacity(chunk.len());
-        for (entry, responder) in chunk {
+        let mut results = Vec::with_capacity(entries.len());
+        for entry in entries {
             let index = entry.log_id.index();
-            let result = match entry.payload {
+            results.push(match entry.payload {
                 EntryPayload::Blank => CommandResult::NoOp,
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     CommandResult::NoOp
                 }
                 EntryPayload::Normal(cmd) => self.execute(cmd, index, &mut overlay, &mut writes)?,
-            };
-            replies.push((responder, result));
+            });
         }
         let membership = membership.as_ref().map(encode_serde);
         self.tree
             .apply(&writes, &encode_serde(&last), membership.as_deref())?;
-        for (responder, result) in replies {
-            if let Some(responder) = responder {
-                responder.send(result);
-            }
-        }
-        Ok(())
+        Ok(results)
     }
 
     /// Decides one command against the tree plus the chunk's earlier writes (`overlay`).

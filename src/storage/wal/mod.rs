@@ -9,14 +9,14 @@
 //!
 //! - [`Wal::append`] / [`Wal::save_vote`] write the record (`pwrite`) before returning, so the
 //!   entries are readable at once; their `on_durable` callback runs only after an `fdatasync`
-//!   that covers them, and callbacks run in write order ([`group_commit`]).
+//!   that covers them, and callbacks run in write order (`group_commit.rs`).
 //! - All writes of all shards go through one file in one order, so a vote is never durable
 //!   before an earlier append, nor the reverse (openraft's IO-ordering rule).
 //! - `truncate_after`, `purge` and `save_committed` need no sync of their own: losing one in a
 //!   crash is the same as the crash happening just before it, and any later sync covers it.
-//! - On open, segments are replayed to rebuild each shard's index ([`index`]); a torn tail is
+//! - On open, segments are replayed to rebuild each shard's index (`index.rs`); a torn tail is
 //!   cut off and the surviving tail fsynced before anything is reported as stored; damage
-//!   anywhere else is [`Error::Corruption`] naming the segment and offset ([`segment`]).
+//!   anywhere else is [`Error::Corruption`] naming the segment and offset (`segment.rs`).
 //! - A segment is deleted once every shard has purged past it. Each segment starts with a
 //!   checkpoint of every shard's vote, committed and purge markers, so nothing but purged
 //!   entries goes with it.
