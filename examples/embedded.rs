@@ -1,16 +1,11 @@
-//! Runs kvnode's durable core on a local data directory: appends puts to a shard's Raft log
-//! (acknowledged after fdatasync), applies them to the sled state machine, and on the next run
-//! shows what was recovered. `cargo run --example embedded [-- DATA_DIR]` (default
-//! `./data/embedded`). The embedded `Db` API replaces this walk-through in part 2.
+//! kvnode embedded in an application: a single local node in a data directory.
+//! `cargo run --example embedded [-- DATA_DIR]` (default `data/embedded`); run it twice to see
+//! the writes of the first run come back.
 
-use anyhow::{Context, Result};
-use futures::stream;
-use kvnode::raft::openraft_types::{IOFlushed, RaftLogStorage, RaftStateMachine};
-use kvnode::raft::{Command, LogStore, StateMachine, TypeConfig, log_id, normal_entry};
-use kvnode::storage::{Store, StoreOptions};
-use openraft::type_config::TypeConfigExt;
+use std::time::Duration;
 
-const SHARD: u64 = 0;
+use anyhow::Result;
+use kvnode::{Config, Node, ReadOptions, SessionToken};
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -20,55 +15,73 @@ async fn main() -> Result<()> {
     let dir = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "data/embedded".into());
-    let store = Store::open(&dir, StoreOptions::default())
-        .with_context(|| format!("opening data directory {dir}"))?;
-    let mut log = LogStore::new(store.wal().clone(), SHARD);
-    let purged = log.last_purged()?;
-    let mut sm = StateMachine::open(&store, SHARD, purged.as_ref())?;
+    let node = Node::open(Config::single_node(&dir)).await?;
 
-    let state = log.get_log_state().await?;
-    let next = state.last_log_id.map_or(1, |l| l.index() + 1);
-    let applied = sm.last_applied()?;
+    // What an earlier run left behind.
+    let runs = node.get(b"runs", &ReadOptions::linearizable()).await?;
+    let previous: u64 = runs.value.as_ref().map_or(0, |v| {
+        String::from_utf8_lossy(&v.value).parse().unwrap_or(0)
+    });
+    println!("{dir}: {previous} earlier run(s) recorded");
+
+    // Writes return their log index; a session token makes later reads see them.
+    let mut session = SessionToken::new();
+    let w = node.put(b"greeting", b"hello".to_vec()).await?;
+    session.observe_write(&w);
+    println!("put greeting at shard {} index {}", w.shard, w.index);
+
+    // Compare-and-set: absent-as-expected, then a mismatch (a value, not an error).
+    let cas = node
+        .compare_and_set(
+            b"runs",
+            runs.value.as_ref().map(|v| v.value.as_slice()),
+            Some((previous + 1).to_string().into_bytes()),
+        )
+        .await?;
+    session.observe_write(&cas.receipt);
     println!(
-        "opened {dir}: log ends at {:?}, state machine applied up to {:?}",
-        state.last_log_id.map(|l| l.index()),
-        applied.map(|l| l.index())
+        "runs: {previous} -> {} (applied: {})",
+        previous + 1,
+        cas.applied
     );
-    if let Some(v) = sm.get(b"greeting")? {
+    let stale = node
+        .compare_and_set(b"runs", Some(b"not the value"), None)
+        .await?;
+    println!(
+        "cas with a wrong expectation: applied {}, current {:?}",
+        stale.applied,
+        stale
+            .current
+            .map(|v| String::from_utf8_lossy(&v.value).into_owned())
+    );
+
+    // Every read names its level and says what it served.
+    for (name, options) in [
+        ("linearizable", ReadOptions::linearizable()),
+        ("lease", ReadOptions::lease()),
+        ("session", ReadOptions::session(&session)),
+        (
+            "bounded 500ms",
+            ReadOptions::bounded(Duration::from_millis(500)),
+        ),
+        ("eventual", ReadOptions::eventual()),
+    ] {
+        let got = node.get(b"greeting", &options).await?;
+        let r = &got.receipt;
         println!(
-            "recovered greeting = {:?} (written at log index {})",
-            String::from_utf8_lossy(&v.value),
-            v.version
+            "get greeting ({name:>13}) = {:?}  receipt: level={} node={} shard={} applied_index={} staleness={:?}",
+            got.value
+                .map(|v| String::from_utf8_lossy(&v.value).into_owned()),
+            r.level,
+            r.node,
+            r.shard,
+            r.applied_index,
+            r.staleness
         );
     }
 
-    let entries: Vec<_> = (next..next + 3)
-        .map(|i| {
-            let cmd = Command::Put {
-                key: b"greeting".to_vec(),
-                value: format!("hello #{i}").into_bytes(),
-            };
-            normal_entry(log_id(1, 1, i), cmd)
-        })
-        .collect();
-    let (tx, rx) = TypeConfig::oneshot();
-    log.append(entries.clone(), IOFlushed::signal(tx)).await?;
-    rx.await.context("log closed")??;
-    println!("appended entries {next}..={} (fdatasync'd)", next + 2);
-    sm.apply(stream::iter(entries.into_iter().map(|e| Ok((e, None)))))
-        .await?;
-    let v = sm
-        .get(b"greeting")?
-        .context("greeting missing after apply")?;
-    println!(
-        "greeting = {:?} at version {}; run again to see it recovered",
-        String::from_utf8_lossy(&v.value),
-        v.version
-    );
-    let stats = store.wal().stats();
-    println!(
-        "WAL: {} records, {} fdatasyncs, {} bytes",
-        stats.records, stats.syncs, stats.bytes
-    );
+    let d = node.delete(b"greeting").await?;
+    println!("delete greeting: existed {}", d.existed);
+    node.close().await;
     Ok(())
 }

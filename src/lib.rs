@@ -76,5 +76,20 @@
 
 #![deny(missing_docs)]
 
+pub mod cluster;
+pub mod config;
+pub mod consistency;
+pub mod error;
+pub mod node;
 pub mod raft;
+pub mod reply;
+pub mod router;
+pub mod shard;
+pub mod sharding;
 pub mod storage;
+
+pub use config::Config;
+pub use consistency::{ReadLevel, ReadOptions, ReadReceipt, SessionToken, WriteReceipt};
+pub use error::{Error, Result};
+pub use node::Node;
+pub use reply::{CasReply, DeleteReply, GetReply, VersionedValue};

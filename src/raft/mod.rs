@@ -7,11 +7,15 @@
 
 pub mod command;
 pub mod log_store;
+pub mod network;
 pub mod state_machine;
 
 pub use command::{Command, CommandResult, VersionedValue};
 pub use log_store::LogStore;
-pub use state_machine::{SnapshotBuilder, StateMachine};
+pub use state_machine::{SnapshotBuilder, StateMachine, StateReader};
+
+/// A shard's openraft instance.
+pub type ShardRaft = openraft::Raft<TypeConfig, StateMachine>;
 
 openraft::declare_raft_types!(
     /// kvnode's openraft type configuration: u64 node ids, [`Command`] as log payload.

@@ -26,7 +26,8 @@ use crate::raft::{
 };
 use crate::storage::codec::{decode_serde, encode_serde};
 use crate::storage::{
-    Error, SnapshotDir, SnapshotFile, SnapshotWriter, StateTree, Store, Versioned, Write,
+    Error, SnapshotDir, SnapshotFile, SnapshotWriter, StateTree, Store, TreeReader, Versioned,
+    Write,
 };
 
 /// Entries applied per sled batch: bounds how long sled's process-wide lock is held.
@@ -50,6 +51,35 @@ impl std::fmt::Debug for StateMachine {
                 &self.current.as_ref().map(|(m, _)| m.last_log_id),
             )
             .finish()
+    }
+}
+
+/// Serves reads from a shard's state machine outside openraft's state-machine task. Follows
+/// snapshot installs.
+#[derive(Debug, Clone)]
+pub struct StateReader {
+    shard: u64,
+    tree: TreeReader,
+}
+
+impl StateReader {
+    /// A key's value and version in local state.
+    pub fn get(&self, key: &[u8]) -> io::Result<Option<VersionedValue>> {
+        Ok(self.tree.get(key)?.map(|v| VersionedValue {
+            version: v.version,
+            value: v.value,
+        }))
+    }
+
+    /// The last applied log index of local state (0 before anything was applied). Read it
+    /// before a key: the value read then reflects at least this much of the log.
+    pub fn applied_index(&self) -> io::Result<u64> {
+        match self.tree.applied()? {
+            None => Ok(0),
+            Some(bytes) => decode_serde::<LogId>(&bytes)
+                .map(|l| l.index())
+                .map_err(|e| invalid(self.shard, "applied log id", e)),
+        }
     }
 }
 
@@ -141,6 +171,14 @@ impl StateMachine {
         self.tree
             .replace(pairs, applied.as_deref(), Some(&membership))?;
         Ok(())
+    }
+
+    /// A read handle on this state machine's data.
+    pub fn reader(&self) -> StateReader {
+        StateReader {
+            shard: self.shard,
+            tree: self.tree.reader(),
+        }
     }
 
     /// The last applied log id.

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! <data-dir>/FORMAT            "kvnode data directory" + format version; checked on open
+//! <data-dir>/IDENTITY          node id and shard count, fixed at creation
 //! <data-dir>/wal/              segments of the node-wide write-ahead log (+ LOCK)
 //! <data-dir>/sm/               the sled database holding every shard's state-machine tree
 //! <data-dir>/snapshots/<shard> snapshot files of each shard
@@ -13,6 +14,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod identity;
 pub mod snapshot_file;
 pub mod state_tree;
 pub mod wal;
@@ -23,8 +25,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use error::{Error, Result};
+pub use identity::Identity;
 pub use snapshot_file::{SnapshotDir, SnapshotFile, SnapshotWriter};
-pub use state_tree::{StateTree, Versioned, Write};
+pub use state_tree::{StateTree, TreeReader, Versioned, Write};
 pub use wal::{Wal, WalOptions};
 
 /// On-disk format of a data directory written by this build. Bump it (and refuse old
@@ -109,6 +112,16 @@ impl Store {
     /// `shard`'s snapshot folder.
     pub fn snapshot_dir(&self, shard: u64) -> SnapshotDir {
         SnapshotDir::new(self.dir.join("snapshots").join(shard.to_string()))
+    }
+
+    /// The identity the directory was created with, if it was ever set.
+    pub fn identity(&self) -> Result<Option<Identity>> {
+        identity::read(&self.dir)
+    }
+
+    /// Records the directory's identity (once, at creation).
+    pub fn set_identity(&self, identity: &Identity) -> Result<()> {
+        identity::write(&self.dir, identity)
     }
 
     /// Flushes sled's buffers to the OS (not an fsync: see the module doc of [`state_tree`]).

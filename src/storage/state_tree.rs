@@ -15,6 +15,7 @@
 //! This module knows nothing of Raft: markers are opaque bytes.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use crate::storage::error::{Error, Result};
 
@@ -62,13 +63,79 @@ pub enum Write {
     Delete(Vec<u8>),
 }
 
-/// One shard's state-machine tree.
+/// One shard's state-machine tree (the writer; [`TreeReader`]s share the current tree).
 pub struct StateTree {
     db: sled::Db,
     db_path: PathBuf,
     shard: u64,
     generation: u64,
-    tree: sled::Tree,
+    tree: Arc<RwLock<sled::Tree>>,
+}
+
+/// A read-only handle on a shard's current tree, for serving reads outside the state machine's
+/// task. It follows snapshot installs (the writer swaps the shared tree).
+#[derive(Clone)]
+pub struct TreeReader {
+    db_path: PathBuf,
+    shard: u64,
+    tree: Arc<RwLock<sled::Tree>>,
+}
+
+impl std::fmt::Debug for TreeReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TreeReader")
+            .field("shard", &self.shard)
+            .finish()
+    }
+}
+
+impl TreeReader {
+    fn tree(&self) -> sled::Tree {
+        self.tree.read().expect("tree lock poisoned").clone()
+    }
+
+    /// Reads a user key.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Versioned>> {
+        get_versioned(&self.tree(), key, &self.db_path, self.shard)
+    }
+
+    /// The applied marker of the state being read (read it before the key: the value then
+    /// reflects at least that much of the log).
+    pub fn applied(&self) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .tree()
+            .get(APPLIED_KEY)
+            .map_err(|source| Error::Sled {
+                path: self.db_path.clone(),
+                source,
+            })?
+            .map(|v| v.to_vec()))
+    }
+}
+
+fn get_versioned(
+    tree: &sled::Tree,
+    key: &[u8],
+    db_path: &Path,
+    shard: u64,
+) -> Result<Option<Versioned>> {
+    let bytes = tree.get(data_key(key)).map_err(|source| Error::Sled {
+        path: db_path.to_owned(),
+        source,
+    })?;
+    match bytes {
+        None => Ok(None),
+        Some(bytes) => Versioned::decode(&bytes).map(Some).ok_or_else(|| {
+            Error::corruption(
+                db_path,
+                0,
+                format!(
+                    "shard {shard}: value of {} bytes has no version",
+                    bytes.len()
+                ),
+            )
+        }),
+    }
 }
 
 impl std::fmt::Debug for StateTree {
@@ -131,7 +198,7 @@ impl StateTree {
             db_path: db_path.to_owned(),
             shard,
             generation,
-            tree,
+            tree: Arc::new(RwLock::new(tree)),
         })
     }
 
@@ -155,14 +222,22 @@ impl StateTree {
         self.shard
     }
 
+    /// A read handle that follows this tree across snapshot installs.
+    pub fn reader(&self) -> TreeReader {
+        TreeReader {
+            db_path: self.db_path.clone(),
+            shard: self.shard,
+            tree: self.tree.clone(),
+        }
+    }
+
+    fn current(&self) -> sled::Tree {
+        self.tree.read().expect("tree lock poisoned").clone()
+    }
+
     /// Reads a user key.
     pub fn get(&self, key: &[u8]) -> Result<Option<Versioned>> {
-        match self.tree.get(data_key(key)).map_err(|e| self.sled_err(e))? {
-            None => Ok(None),
-            Some(bytes) => Versioned::decode(&bytes).map(Some).ok_or_else(|| {
-                self.corrupt(format!("value of {} bytes has no version", bytes.len()))
-            }),
-        }
+        get_versioned(&self.current(), key, &self.db_path, self.shard)
     }
 
     /// The applied marker written by the last [`StateTree::apply`].
@@ -177,7 +252,7 @@ impl StateTree {
 
     fn meta_value(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self
-            .tree
+            .current()
             .get(key)
             .map_err(|e| self.sled_err(e))?
             .map(|v| v.to_vec()))
@@ -197,13 +272,15 @@ impl StateTree {
         if let Some(m) = membership {
             batch.insert(MEMBERSHIP_KEY, m);
         }
-        self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))
+        self.current()
+            .apply_batch(batch)
+            .map_err(|e| self.sled_err(e))
     }
 
     /// Every user key with its stored (encoded [`Versioned`]) value, in key order. sled
     /// iterators see concurrent writes: callers must pause applies while iterating.
     pub fn pairs(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_ {
-        self.tree.scan_prefix([DATA_PREFIX]).map(move |item| {
+        self.current().scan_prefix([DATA_PREFIX]).map(move |item| {
             let (k, v) = item.map_err(|e| self.sled_err(e))?;
             Ok((k[1..].to_vec(), v.to_vec()))
         })
@@ -258,7 +335,7 @@ impl StateTree {
             .map_err(sled_err)?;
         self.db.flush().map_err(sled_err)?;
         let old = tree_name(self.shard, self.generation);
-        self.tree = tree;
+        *self.tree.write().expect("tree lock poisoned") = tree;
         self.generation = next;
         self.db.drop_tree(old).map_err(sled_err)?;
         Ok(())

@@ -1,0 +1,11 @@
+//! Shard → node mapping. This module owns the rule that decides which nodes hold the replicas
+//! of each shard and which of them is the preferred leader ([`placement`]); it is a pure
+//! function of the shard id and the node list. Cluster membership (how the node list is agreed
+//! on and changed) comes later and will live here too.
+
+pub mod placement;
+
+pub use placement::{PlacementError, replicas};
+
+/// Identifies a node (one `kvnode` process) in the cluster.
+pub type NodeId = u64;

@@ -1,0 +1,241 @@
+//! One documented configuration for a node, with every default in one place and `validate()`.
+//!
+//! The library never reads files or environment variables; binaries build a [`Config`] (from
+//! flags or a TOML file) and hand it over. Every field's doc says what it costs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Configuration of a kvnode node (embedded or in a cluster).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the node keeps its WAL, state machines and snapshots. Default `data/kvnode`.
+    pub data_dir: PathBuf,
+    /// This node's id: unique in its cluster and never reused for a node that lost its data
+    /// (reuse can form two quorums). Default 1.
+    pub node_id: u64,
+    /// Number of shards, fixed when the data directory is created; a reopen with another
+    /// count is refused. More shards spread load over more Raft groups (each costs a few tasks
+    /// and heartbeats). Default 16.
+    pub shards: u32,
+    /// Largest key accepted, in bytes. Default 4 KiB.
+    pub max_key_bytes: usize,
+    /// Largest value accepted, in bytes. Every value is held in memory while it is replicated
+    /// and applied. Default 1 MiB.
+    pub max_value_bytes: usize,
+    /// Interval between a leader's heartbeats to each follower, in milliseconds. Each shard
+    /// led sends one per follower per interval: 256 shards × 2 followers at 250 ms is about
+    /// 2,000 messages a second. Default 250.
+    pub heartbeat_interval_ms: u64,
+    /// Election timeout range, in milliseconds: a follower that hears nothing from its leader
+    /// for a random time in this range starts an election. It bounds failover time from below;
+    /// keep the minimum at least 3× the heartbeat interval and 10× the WAL's sync latency.
+    /// Default 1000..2000.
+    pub election_timeout_min_ms: u64,
+    /// Upper end of the election timeout range (see `election_timeout_min_ms`).
+    pub election_timeout_max_ms: u64,
+    /// A shard snapshots its state machine after this many log entries since the last
+    /// snapshot; the WAL is then purged behind it. Lower values bound WAL disk use and restart
+    /// time, higher ones write fewer snapshot files. Default 5000.
+    pub snapshot_every_entries: u64,
+    /// How long a request may wait (for a leader, a commit, or a replica to catch up) before
+    /// failing with `Timeout`. A write that times out may still commit. Default 5000.
+    pub request_timeout_ms: u64,
+    /// WAL segment size in bytes: disk is reclaimed a segment at a time after purges.
+    /// Default 64 MiB.
+    pub wal_segment_bytes: u64,
+    /// sled's cache for all state machines of the node together. Resident memory can reach a
+    /// few times this. Default 64 MiB.
+    pub sled_cache_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("data/kvnode"),
+            node_id: 1,
+            shards: 16,
+            max_key_bytes: 4 * 1024,
+            max_value_bytes: 1024 * 1024,
+            heartbeat_interval_ms: 250,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            snapshot_every_entries: 5000,
+            request_timeout_ms: 5000,
+            wal_segment_bytes: 64 * 1024 * 1024,
+            sled_cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A configuration field that is out of range, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {field}: {problem}")]
+pub struct ConfigError {
+    /// The field's name, as in the TOML file.
+    pub field: &'static str,
+    /// What is wrong with its value.
+    pub problem: String,
+}
+
+fn bad(field: &'static str, problem: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError {
+        field,
+        problem: problem.into(),
+    })
+}
+
+/// Largest shard count accepted (each shard is a Raft group with its own tasks).
+pub const MAX_SHARDS: u32 = 4096;
+/// Largest key limit accepted: keys travel in every log entry and index.
+pub const MAX_KEY_LIMIT: usize = 64 * 1024;
+/// Largest value limit accepted: a value must fit in one WAL record and one gRPC message.
+pub const MAX_VALUE_LIMIT: usize = 64 * 1024 * 1024;
+
+impl Config {
+    /// A single local node keeping its data in `data_dir`, everything else default.
+    pub fn single_node(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            data_dir: data_dir.into(),
+            ..Config::default()
+        }
+    }
+
+    /// Checks every field; the first problem found is returned, naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir", "must not be empty");
+        }
+        if self.node_id == 0 {
+            return bad("node_id", "must be at least 1 (0 is reserved)");
+        }
+        if self.shards == 0 || self.shards > MAX_SHARDS {
+            return bad(
+                "shards",
+                format!("{} is not in 1..={MAX_SHARDS}", self.shards),
+            );
+        }
+        if self.max_key_bytes == 0 || self.max_key_bytes > MAX_KEY_LIMIT {
+            return bad(
+                "max_key_bytes",
+                format!("{} is not in 1..={MAX_KEY_LIMIT}", self.max_key_bytes),
+            );
+        }
+        if self.max_value_bytes > MAX_VALUE_LIMIT {
+            return bad(
+                "max_value_bytes",
+                format!("{} exceeds {MAX_VALUE_LIMIT}", self.max_value_bytes),
+            );
+        }
+        if self.heartbeat_interval_ms < 10 {
+            return bad("heartbeat_interval_ms", "must be at least 10 ms");
+        }
+        if self.election_timeout_min_ms < 3 * self.heartbeat_interval_ms {
+            return bad(
+                "election_timeout_min_ms",
+                format!(
+                    "{} ms is less than 3 × heartbeat_interval_ms ({} ms): followers would \
+                     start elections between heartbeats",
+                    self.election_timeout_min_ms, self.heartbeat_interval_ms
+                ),
+            );
+        }
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
+            return bad(
+                "election_timeout_max_ms",
+                format!(
+                    "{} ms must be greater than election_timeout_min_ms ({} ms)",
+                    self.election_timeout_max_ms, self.election_timeout_min_ms
+                ),
+            );
+        }
+        if self.snapshot_every_entries < 10 {
+            return bad("snapshot_every_entries", "must be at least 10");
+        }
+        if self.request_timeout_ms == 0 {
+            return bad("request_timeout_ms", "must be at least 1 ms");
+        }
+        let needed = self.max_key_bytes as u64 + self.max_value_bytes as u64 + 4096;
+        if self.wal_segment_bytes < 64 * 1024 || self.wal_segment_bytes < needed {
+            return bad(
+                "wal_segment_bytes",
+                format!(
+                    "{} is too small: at least 64 KiB and one largest entry ({needed} bytes)",
+                    self.wal_segment_bytes
+                ),
+            );
+        }
+        if self.sled_cache_bytes < 1024 * 1024 {
+            return bad("sled_cache_bytes", "must be at least 1 MiB");
+        }
+        Ok(())
+    }
+
+    /// The request timeout as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_is_valid() {
+        Config::default().validate().unwrap();
+        Config::single_node("/tmp/x").validate().unwrap();
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        type Breakage = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(&str, Breakage)> = vec![
+            ("data_dir", Box::new(|c| c.data_dir = PathBuf::new())),
+            ("node_id", Box::new(|c| c.node_id = 0)),
+            ("shards", Box::new(|c| c.shards = 0)),
+            ("shards", Box::new(|c| c.shards = MAX_SHARDS + 1)),
+            ("max_key_bytes", Box::new(|c| c.max_key_bytes = 0)),
+            (
+                "max_key_bytes",
+                Box::new(|c| c.max_key_bytes = MAX_KEY_LIMIT + 1),
+            ),
+            (
+                "max_value_bytes",
+                Box::new(|c| c.max_value_bytes = MAX_VALUE_LIMIT + 1),
+            ),
+            (
+                "heartbeat_interval_ms",
+                Box::new(|c| c.heartbeat_interval_ms = 1),
+            ),
+            (
+                "election_timeout_min_ms",
+                Box::new(|c| c.election_timeout_min_ms = 100),
+            ),
+            (
+                "election_timeout_max_ms",
+                Box::new(|c| c.election_timeout_max_ms = 1000),
+            ),
+            (
+                "snapshot_every_entries",
+                Box::new(|c| c.snapshot_every_entries = 1),
+            ),
+            ("request_timeout_ms", Box::new(|c| c.request_timeout_ms = 0)),
+            (
+                "wal_segment_bytes",
+                Box::new(|c| c.wal_segment_bytes = 1000),
+            ),
+            ("sled_cache_bytes", Box::new(|c| c.sled_cache_bytes = 10)),
+        ];
+        for (field, break_it) in cases {
+            let mut config = Config::default();
+            break_it(&mut config);
+            let err = config.validate().expect_err(field);
+            assert_eq!(err.field, field, "{err}");
+            assert!(err.to_string().contains(field));
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The composition root: a [`Node`] opens its data directory, checks its identity, starts one
+//! Raft group per shard, owns the router, serves the key-value API, and shuts down cleanly.
+//!
+//! Embedded use (a single local node; every shard's only voter is this node):
+//!
+//! ```no_run
+//! # async fn demo() -> kvnode::Result<()> {
+//! use kvnode::{Config, Node, ReadOptions};
+//! let node = Node::open(Config::single_node("data/app")).await?;
+//! let w = node.put(b"greeting", b"hello".to_vec()).await?;
+//! let got = node.get(b"greeting", &ReadOptions::linearizable()).await?;
+//! assert_eq!(got.value.unwrap().value, b"hello");
+//! assert!(got.receipt.applied_index >= w.index);
+//! node.close().await;
+//! # Ok(()) }
+//! ```
+
+use futures::future::join_all;
+
+use crate::config::Config;
+use crate::consistency::{ReadOptions, WriteReceipt};
+use crate::error::{Error, Result};
+use crate::raft::network::NoPeers;
+use crate::raft::{Command, CommandResult};
+use crate::reply::{CasReply, DeleteReply, GetReply};
+use crate::router::Router;
+use crate::shard::Shard;
+use crate::sharding::{HashRing, ShardId};
+use crate::storage::wal::Fdatasync;
+use crate::storage::{Identity, Store, StoreOptions, WalOptions};
+
+/// A running kvnode node.
+#[derive(Debug)]
+pub struct Node {
+    config: Config,
+    store: Store,
+    router: Router,
+}
+
+impl Node {
+    /// Opens a single-node store from `config` (validated first): creates the data directory
+    /// and its shards on first use, or recovers them, and waits until every shard can serve.
+    ///
+    /// Refuses a data directory created with another shard count or node id.
+    pub async fn open(config: Config) -> Result<Node> {
+        config.validate()?;
+        let store = Store::open(
+            &config.data_dir,
+            StoreOptions {
+                wal: WalOptions {
+                    segment_bytes: config.wal_segment_bytes,
+                    syncer: std::sync::Arc::new(Fdatasync),
+                },
+                sled_cache_bytes: config.sled_cache_bytes,
+            },
+        )?;
+        check_identity(&store, &config)?;
+        let ring = HashRing::with_shards(config.shards)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+
+        let opened = join_all(
+            ring.shards()
+                .map(|id| Shard::open(&store, &config, id, NoPeers)),
+        )
+        .await;
+        let shards = opened.into_iter().collect::<Result<Vec<Shard>>>()?;
+        let voters = [config.node_id];
+        let started = join_all(shards.iter().map(|shard| async {
+            if !shard.initialize_if_new(&voters).await? {
+                // Recovered: the only voter need not wait out an election timeout.
+                shard.campaign().await?;
+            }
+            shard.wait_for_leader(config.request_timeout()).await
+        }))
+        .await;
+        let node = Node {
+            router: Router::new(ring, shards),
+            config,
+            store,
+        };
+        if let Some(err) = started.into_iter().find_map(Result::err) {
+            node.shutdown_shards().await;
+            return Err(err);
+        }
+        tracing::info!(
+            node = node.config.node_id,
+            shards = node.config.shards,
+            data_dir = %node.config.data_dir.display(),
+            "node ready"
+        );
+        Ok(node)
+    }
+
+    /// The configuration the node runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The shard `key` belongs to.
+    pub fn shard_for(&self, key: &[u8]) -> ShardId {
+        self.router.shard_for(key)
+    }
+
+    /// Sets `key` to `value`.
+    pub async fn put(&self, key: &[u8], value: Vec<u8>) -> Result<WriteReceipt> {
+        self.check_key(key)?;
+        self.check_value("value", &value)?;
+        let shard = self.router.route(key)?;
+        let (_, index) = shard
+            .write(Command::Put {
+                key: key.to_vec(),
+                value,
+            })
+            .await?;
+        Ok(WriteReceipt {
+            shard: shard.id(),
+            index,
+        })
+    }
+
+    /// Reads `key` at the level `options` names.
+    pub async fn get(&self, key: &[u8], options: &ReadOptions) -> Result<GetReply> {
+        self.check_key(key)?;
+        let shard = self.router.route(key)?;
+        let (value, receipt) = shard.read(key, &options.level).await?;
+        Ok(GetReply { value, receipt })
+    }
+
+    /// Removes `key`.
+    pub async fn delete(&self, key: &[u8]) -> Result<DeleteReply> {
+        self.check_key(key)?;
+        let shard = self.router.route(key)?;
+        let (result, index) = shard.write(Command::Delete { key: key.to_vec() }).await?;
+        let existed = matches!(result, CommandResult::Delete { existed: true });
+        Ok(DeleteReply {
+            existed,
+            receipt: WriteReceipt {
+                shard: shard.id(),
+                index,
+            },
+        })
+    }
+
+    /// If `key` holds `expected` (`None`: is absent), sets it to `new` (`None`: deletes it).
+    /// Decided when the shard applies the command, so every replica agrees.
+    pub async fn compare_and_set(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<CasReply> {
+        self.check_key(key)?;
+        if let Some(e) = expected {
+            self.check_value("expected value", e)?;
+        }
+        if let Some(n) = &new {
+            self.check_value("new value", n)?;
+        }
+        let shard = self.router.route(key)?;
+        let command = Command::CompareAndSet {
+            key: key.to_vec(),
+            expected: expected.map(<[u8]>::to_vec),
+            new,
+        };
+        let (result, index) = shard.write(command).await?;
+        let receipt = WriteReceipt {
+            shard: shard.id(),
+            index,
+        };
+        match result {
+            CommandResult::CasApplied => Ok(CasReply {
+                applied: true,
+                current: None,
+                receipt,
+            }),
+            CommandResult::CasFailed { current } => Ok(CasReply {
+                applied: false,
+                current,
+                receipt,
+            }),
+            other => Err(Error::ShardStopped {
+                shard: shard.id(),
+                reason: format!("state machine answered {other:?} to a compare-and-set"),
+            }),
+        }
+    }
+
+    /// Stops every shard and releases the data directory.
+    pub async fn close(self) {
+        self.shutdown_shards().await;
+        if let Err(e) = self.store.flush_state() {
+            tracing::warn!(error = %e, "flushing state machines on close failed");
+        }
+        tracing::info!(node = self.config.node_id, "node closed");
+    }
+
+    async fn shutdown_shards(&self) {
+        join_all(self.router.shards().map(Shard::shutdown)).await;
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<()> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument(
+                "empty key: keys must be at least one byte".into(),
+            ));
+        }
+        if key.len() > self.config.max_key_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "key of {} bytes exceeds max_key_bytes ({})",
+                key.len(),
+                self.config.max_key_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, what: &str, value: &[u8]) -> Result<()> {
+        if value.len() > self.config.max_value_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "{what} of {} bytes exceeds max_value_bytes ({})",
+                value.len(),
+                self.config.max_value_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Records the directory's identity on first use; refuses a directory made for another node
+/// id or shard count.
+fn check_identity(store: &Store, config: &Config) -> Result<()> {
+    let wanted = Identity {
+        node_id: config.node_id,
+        shards: config.shards,
+    };
+    match store.identity()? {
+        None => Ok(store.set_identity(&wanted)?),
+        Some(found) if found == wanted => Ok(()),
+        Some(found) => Err(Error::IdentityMismatch {
+            path: crate::storage::identity::path(store.dir()),
+            on_disk: found.to_string(),
+            configured: wanted.to_string(),
+        }),
+    }
+}

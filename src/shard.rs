@@ -1,0 +1,314 @@
+//! One local replica of a shard: its openraft group, a read handle on its state machine, and
+//! the write path and per-level read paths (see [`crate::consistency`] for what each level
+//! promises).
+//!
+//! Writes go through `client_write`: the entry is durable on a majority and applied before the
+//! reply, and compare-and-set is decided at apply time. Reads:
+//!
+//! - **linearizable**: openraft's read index (the leader confirms its leadership with a quorum
+//!   and waits until it has applied up to the commit index), then local state;
+//! - **lease**: the same without the round trip while the leader's lease holds;
+//! - **session**: wait (bounded by the request timeout) until this replica has applied the
+//!   session token's index for the shard, then local state;
+//! - **bounded staleness**: served locally when this replica can prove freshness (here: it is
+//!   the leader within its lease, staleness 0); otherwise the request's fallback applies;
+//! - **eventual**: local state, no checks.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::metrics::WaitError;
+use openraft::network::{NetSnapshot, RaftNetworkFactory};
+use openraft::{BasicNode, ReadPolicy, SnapshotPolicy};
+
+use crate::config::Config;
+use crate::consistency::{Fallback, ReadLevel, ReadReceipt, ServedLevel, Staleness};
+use crate::error::{Error, Result};
+use crate::raft::{
+    Command, CommandResult, LogStore, ShardRaft, StateMachine, StateReader, TypeConfig,
+    VersionedValue,
+};
+use crate::storage::{SnapshotFile, Store};
+
+/// One local replica of a shard.
+pub struct Shard {
+    id: u64,
+    node_id: u64,
+    raft: ShardRaft,
+    reader: StateReader,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("id", &self.id)
+            .field("node", &self.node_id)
+            .finish()
+    }
+}
+
+/// openraft's configuration for one shard, derived from the node's [`Config`].
+pub fn raft_config(config: &Config, shard: u64) -> Result<openraft::Config> {
+    let raft = openraft::Config {
+        cluster_name: format!("kvnode-shard-{shard}"),
+        heartbeat_interval: config.heartbeat_interval_ms,
+        election_timeout_min: config.election_timeout_min_ms,
+        election_timeout_max: config.election_timeout_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries),
+        // Keep some log behind a snapshot so a briefly lagging follower catches up from the
+        // log rather than by a full snapshot transfer.
+        max_in_snapshot_log_to_keep: (config.snapshot_every_entries / 5).max(1),
+        // A restarted leader must win an election again: its committed marker is not
+        // fsynced on its own, so it cannot prove its state machine is current.
+        enable_leader_restore: Some(false),
+        ..Default::default()
+    };
+    raft.validate()
+        .map_err(|e| Error::InvalidArgument(format!("raft configuration: {e}")))
+}
+
+impl Shard {
+    /// Opens shard `id`'s replica on this node: its log in the WAL, its state machine (restored
+    /// from a snapshot if sled fell behind the log's purge point), and its Raft group.
+    pub async fn open<N>(store: &Store, config: &Config, id: u64, network: N) -> Result<Shard>
+    where
+        N: RaftNetworkFactory<TypeConfig>,
+        N::Network: NetSnapshot<TypeConfig, SnapshotData = SnapshotFile>,
+    {
+        let log = LogStore::new(store.wal().clone(), id);
+        let purged = log.last_purged().map_err(|e| io_to_error(id, e))?;
+        let sm = StateMachine::open(store, id, purged.as_ref()).map_err(|e| io_to_error(id, e))?;
+        let reader = sm.reader();
+        let raft_config = Arc::new(raft_config(config, id)?);
+        let raft = ShardRaft::new(config.node_id, raft_config, network, log, sm)
+            .await
+            .map_err(|e| Error::ShardStopped {
+                shard: id,
+                reason: e.to_string(),
+            })?;
+        Ok(Shard {
+            id,
+            node_id: config.node_id,
+            raft,
+            reader,
+            timeout: config.request_timeout(),
+        })
+    }
+
+    /// The shard id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The shard's openraft handle (for membership and peer traffic).
+    pub fn raft(&self) -> &ShardRaft {
+        &self.raft
+    }
+
+    /// Initializes the group with `voters` if it never was (exactly once per group, on one
+    /// node). Returns whether this call initialized it.
+    pub async fn initialize_if_new(&self, voters: &[u64]) -> Result<bool> {
+        let stopped = |e: &dyn std::fmt::Display| Error::ShardStopped {
+            shard: self.id,
+            reason: e.to_string(),
+        };
+        if self.raft.is_initialized().await.map_err(|e| stopped(&e))? {
+            return Ok(false);
+        }
+        let members: BTreeMap<u64, BasicNode> =
+            voters.iter().map(|v| (*v, BasicNode::default())).collect();
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| stopped(&e))?;
+        Ok(true)
+    }
+
+    /// Waits until this replica knows a leader of the group (itself or another node).
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<u64> {
+        let metrics = self
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await
+            .map_err(|e| self.wait_error(e, "waiting for a leader", false))?;
+        Ok(metrics.current_leader.unwrap_or(self.node_id))
+    }
+
+    /// Asks this replica to campaign now instead of after an election timeout (used when it is
+    /// the only voter, e.g. an embedded node reopening).
+    pub async fn campaign(&self) -> Result<()> {
+        self.raft
+            .trigger()
+            .elect(false)
+            .await
+            .map_err(|e| Error::ShardStopped {
+                shard: self.id,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Proposes `command` and waits until it is committed and applied. Returns its result and
+    /// log index.
+    pub async fn write(&self, command: Command) -> Result<(CommandResult, u64)> {
+        let written = tokio::time::timeout(self.timeout, self.raft.client_write(command)).await;
+        match written {
+            Err(_) => Err(self.timeout_error("write", true)),
+            Ok(Ok(reply)) => Ok((reply.data, reply.log_id.index())),
+            Ok(Err(RaftError::APIError(e))) => Err(match e {
+                ClientWriteError::ForwardToLeader(f) => Error::NotLeader {
+                    shard: self.id,
+                    leader_hint: f.leader_id,
+                },
+                ClientWriteError::LogEntryDiscarded(f) => Error::LeaderChanged {
+                    shard: self.id,
+                    leader_hint: f.leader_id,
+                },
+                other => Error::Unavailable {
+                    shard: self.id,
+                    reason: other.to_string(),
+                },
+            }),
+            Ok(Err(RaftError::Fatal(f))) => Err(Error::ShardStopped {
+                shard: self.id,
+                reason: f.to_string(),
+            }),
+        }
+    }
+
+    /// Reads `key` at `level` and says what was served.
+    pub async fn read(
+        &self,
+        key: &[u8],
+        level: &ReadLevel,
+    ) -> Result<(Option<VersionedValue>, ReadReceipt)> {
+        match level {
+            ReadLevel::Linearizable => {
+                self.confirm_leadership(ReadPolicy::ReadIndex).await?;
+                self.local(key, ServedLevel::Linearizable, Staleness::Zero)
+            }
+            ReadLevel::Lease => {
+                self.confirm_leadership(ReadPolicy::LeaseRead).await?;
+                self.local(key, ServedLevel::Lease, Staleness::Zero)
+            }
+            ReadLevel::Session(token) => {
+                let required = token.required(self.id);
+                if required > 0 {
+                    self.raft
+                        .wait(Some(self.timeout))
+                        .applied_index_at_least(Some(required), "session read")
+                        .await
+                        .map_err(|e| self.wait_error(e, "session read", false))?;
+                }
+                self.local(key, ServedLevel::Session, Staleness::Unknown)
+            }
+            ReadLevel::Bounded { fallback, .. } => {
+                match self.confirm_leadership(ReadPolicy::LeaseRead).await {
+                    Ok(()) => {
+                        self.local(key, ServedLevel::Bounded, Staleness::AtMost(Duration::ZERO))
+                    }
+                    Err(e) => match fallback {
+                        Fallback::Linearizable => {
+                            self.confirm_leadership(ReadPolicy::ReadIndex).await?;
+                            self.local(key, ServedLevel::Linearizable, Staleness::Zero)
+                        }
+                        Fallback::Fail => Err(Error::Unavailable {
+                            shard: self.id,
+                            reason: format!("cannot prove the staleness bound: {e}"),
+                        }),
+                    },
+                }
+            }
+            ReadLevel::Eventual => self.local(key, ServedLevel::Eventual, Staleness::Unknown),
+        }
+    }
+
+    /// Reads local state: the applied index first, so the value reflects at least that much.
+    fn local(
+        &self,
+        key: &[u8],
+        level: ServedLevel,
+        staleness: Staleness,
+    ) -> Result<(Option<VersionedValue>, ReadReceipt)> {
+        let applied_index = self
+            .reader
+            .applied_index()
+            .map_err(|e| io_to_error(self.id, e))?;
+        let value = self.reader.get(key).map_err(|e| io_to_error(self.id, e))?;
+        Ok((
+            value,
+            ReadReceipt {
+                level,
+                node: self.node_id,
+                shard: self.id,
+                applied_index,
+                staleness,
+            },
+        ))
+    }
+
+    /// Confirms this replica leads the shard (read index or lease) and has applied up to the
+    /// read point.
+    async fn confirm_leadership(&self, policy: ReadPolicy) -> Result<()> {
+        let confirmed =
+            tokio::time::timeout(self.timeout, self.raft.ensure_linearizable(policy)).await;
+        match confirmed {
+            Err(_) => Err(self.timeout_error("linearizable read", false)),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                Err(Error::NotLeader {
+                    shard: self.id,
+                    leader_hint: f.leader_id,
+                })
+            }
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)))) => {
+                Err(Error::Unavailable {
+                    shard: self.id,
+                    reason: q.to_string(),
+                })
+            }
+            Ok(Err(RaftError::Fatal(f))) => Err(Error::ShardStopped {
+                shard: self.id,
+                reason: f.to_string(),
+            }),
+        }
+    }
+
+    fn timeout_error(&self, operation: &'static str, write: bool) -> Error {
+        Error::Timeout {
+            shard: self.id,
+            operation,
+            millis: self.timeout.as_millis() as u64,
+            write,
+        }
+    }
+
+    fn wait_error(&self, e: WaitError, operation: &'static str, write: bool) -> Error {
+        match e {
+            WaitError::Timeout(..) => self.timeout_error(operation, write),
+            WaitError::ShuttingDown => Error::Shutdown,
+        }
+    }
+
+    /// Stops the shard's Raft group.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(shard = self.id, error = %e, "shard did not shut down cleanly");
+        }
+    }
+}
+
+/// Maps a storage-layer `io::Error` (which carries our storage error as its source) back to
+/// the public error.
+fn io_to_error(shard: u64, e: std::io::Error) -> Error {
+    match e.downcast::<crate::storage::Error>() {
+        Ok(storage) => Error::Storage(storage),
+        Err(other) => Error::ShardStopped {
+            shard,
+            reason: other.to_string(),
+        },
+    }
+}

@@ -1,0 +1,92 @@
+//! The data directory's identity: which node it belongs to and how many shards its keys are
+//! split into. Written once when the directory is created (fsynced, atomically renamed); a
+//! reopen compares it with the configuration.
+
+use std::fmt;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::storage::error::{Error, Result};
+
+const FILE: &str = "IDENTITY";
+
+/// What a data directory was created for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// The node id.
+    pub node_id: u64,
+    /// The number of shards.
+    pub shards: u32,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node {} with {} shards", self.node_id, self.shards)
+    }
+}
+
+/// Path of the identity file in `dir`.
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join(FILE)
+}
+
+/// Reads the identity of `dir`, if it has one.
+pub fn read(dir: &Path) -> Result<Option<Identity>> {
+    let path = path(dir);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let mut node_id = None;
+    let mut shards = None;
+    for line in text.lines() {
+        match line.split_once(' ') {
+            Some(("node", v)) => node_id = v.trim().parse::<u64>().ok(),
+            Some(("shards", v)) => shards = v.trim().parse::<u32>().ok(),
+            _ => {}
+        }
+    }
+    match (node_id, shards) {
+        (Some(node_id), Some(shards)) => Ok(Some(Identity { node_id, shards })),
+        _ => Err(Error::corruption(
+            &path,
+            0,
+            "identity file lacks a valid `node` or `shards` line",
+        )),
+    }
+}
+
+/// Writes `identity` into `dir` durably.
+pub fn write(dir: &Path, identity: &Identity) -> Result<()> {
+    let path = path(dir);
+    let tmp = dir.join(format!("{FILE}.tmp"));
+    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    writeln!(f, "node {}\nshards {}", identity.node_id, identity.shards)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_reports_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path()).unwrap(), None);
+        let id = Identity {
+            node_id: 3,
+            shards: 64,
+        };
+        write(dir.path(), &id).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Some(id));
+        fs::write(path(dir.path()), "node x\n").unwrap();
+        assert!(matches!(read(dir.path()), Err(Error::Corruption { .. })));
+    }
+}
