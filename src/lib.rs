@@ -19,9 +19,22 @@
 //! ```
 //!
 //! Modules import downward only: [`storage`] knows nothing of Raft (it stores opaque bytes);
-//! [`raft`] adapts openraft to storage and is the only module that names openraft types.
-//! Built so far: `storage` and `raft` (the durable core). The router, shards, node, server,
-//! client and binaries follow (see the module map).
+//! [`raft`] adapts openraft to storage and is the only module that names openraft storage
+//! types; [`sharding`] and [`cluster`] are pure functions; [`shard`] runs one replica;
+//! [`router`] and [`node`] compose them. Built so far: the durable core and the embedded
+//! single-node store. The gRPC server, client and binaries follow (see the module map).
+//!
+//! **Where the code differs from ARCHITECTURE.md, and why**
+//! - openraft's storage types appear in [`shard`] too (error mapping, read policy): the seam
+//!   that matters, storage, stays free of them.
+//! - Each WAL record carries the writer's durable watermark and each segment starts with a
+//!   checkpoint (vote, committed, purge point and log start of every shard): the first tells a
+//!   torn tail from damaged synced data, the second makes segment deletion safe and a lost
+//!   segment detectable.
+//! - Snapshots are built while openraft holds the state machine exclusively (apply paused),
+//!   because sled has no point-in-time view; fine for shards of moderate size.
+//! - Reads do not go through openraft's state-machine task: a shared read handle
+//!   ([`raft::StateReader`]) follows snapshot installs.
 //!
 //! ## Durability: what "acknowledged" means
 //!
@@ -72,7 +85,16 @@
 //! |---|---|
 //! | [`storage`] | the data directory: [`storage::wal`] (segments, group commit, recovery), [`storage::state_tree`] (sled trees per shard), [`storage::snapshot_file`] (snapshot files), [`storage::codec`] (framing) |
 //! | [`raft`] | openraft type config, [`raft::Command`], [`raft::LogStore`], [`raft::StateMachine`] |
-//! | *next* | `config`, `sharding` (ring), `cluster` (membership, placement), `shard`, `consistency`, `router`, `node`, `server`, `client`, `bin/kvnode`, `bin/kvctl` |
+//! | [`config`] | [`Config`]: one documented struct, defaults, `validate()` |
+//! | [`error`] | the public [`Error`]: definite or indeterminate, retryable or not |
+//! | [`sharding`] | key → shard: the consistent-hash ring (pure, property-tested) |
+//! | [`cluster`] | shard → replica set: rendezvous placement (pure, property-tested) |
+//! | [`consistency`] | read levels, receipts, session tokens |
+//! | [`shard`] | one local replica: Raft group, write path, per-level read paths |
+//! | [`router`] | key → shard → local replica |
+//! | [`node`] | composition root and the key-value API: [`Node`] |
+//! | [`reply`] | what the API returns |
+//! | *next* | `server` (gRPC), `client`, `bin/kvnode`, `bin/kvctl` |
 
 #![deny(missing_docs)]
 
