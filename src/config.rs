@@ -3,6 +3,7 @@
 //! The library never reads files or environment variables; binaries build a [`Config`] (from
 //! flags or a TOML file) and hand it over. Every field's doc says what it costs.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,6 +18,15 @@ pub struct Config {
     /// This node's id: unique in its cluster and never reused for a node that lost its data
     /// (reuse can form two quorums). Default 1.
     pub node_id: u64,
+    /// Name of the cluster. Peers refuse messages from another cluster, and a data directory
+    /// created for one cluster cannot join another. Default `kvnode`.
+    pub cluster_id: String,
+    /// Every node of the cluster, this one included: node id → `host:port` of its gRPC
+    /// endpoint (client API and peer transport). Empty for an embedded single node.
+    pub peers: BTreeMap<u64, String>,
+    /// How many nodes hold a replica of each shard (capped by the node count). 3 survives one
+    /// node failure; 5 survives two at the cost of more writes and heartbeats. Default 3.
+    pub replication_factor: usize,
     /// Number of shards, fixed when the data directory is created; a reopen with another
     /// count is refused. More shards spread load over more Raft groups (each costs a few tasks
     /// and heartbeats). Default 16.
@@ -57,6 +67,9 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("data/kvnode"),
             node_id: 1,
+            cluster_id: "kvnode".to_string(),
+            peers: BTreeMap::new(),
+            replication_factor: 3,
             shards: 16,
             max_key_bytes: 4 * 1024,
             max_value_bytes: 1024 * 1024,
@@ -111,6 +124,47 @@ impl Config {
         }
         if self.node_id == 0 {
             return bad("node_id", "must be at least 1 (0 is reserved)");
+        }
+        if self.cluster_id.is_empty()
+            || self.cluster_id.len() > 64
+            || !self
+                .cluster_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return bad(
+                "cluster_id",
+                format!(
+                    "{:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
+                    self.cluster_id
+                ),
+            );
+        }
+        if !self.peers.is_empty() && !self.peers.contains_key(&self.node_id) {
+            return bad(
+                "peers",
+                format!(
+                    "does not list this node (id {}) with its own address",
+                    self.node_id
+                ),
+            );
+        }
+        for (id, addr) in &self.peers {
+            if *id == 0 {
+                return bad("peers", "node id 0 is reserved");
+            }
+            let valid = addr.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !valid {
+                return bad("peers", format!("node {id}: {addr:?} is not host:port"));
+            }
+        }
+        if self.replication_factor == 0 || self.replication_factor > 7 {
+            return bad(
+                "replication_factor",
+                format!("{} is not in 1..=7", self.replication_factor),
+            );
         }
         if self.shards == 0 || self.shards > MAX_SHARDS {
             return bad(
@@ -174,6 +228,20 @@ impl Config {
         Ok(())
     }
 
+    /// The ids of every node in the cluster (just this node when embedded).
+    pub fn node_ids(&self) -> Vec<u64> {
+        if self.peers.is_empty() {
+            vec![self.node_id]
+        } else {
+            self.peers.keys().copied().collect()
+        }
+    }
+
+    /// True when this node has peers to replicate to.
+    pub fn is_clustered(&self) -> bool {
+        self.peers.keys().any(|id| *id != self.node_id)
+    }
+
     /// The request timeout as a duration.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
@@ -196,6 +264,19 @@ mod tests {
         let cases: Vec<(&str, Breakage)> = vec![
             ("data_dir", Box::new(|c| c.data_dir = PathBuf::new())),
             ("node_id", Box::new(|c| c.node_id = 0)),
+            (
+                "cluster_id",
+                Box::new(|c| c.cluster_id = "no spaces".into()),
+            ),
+            (
+                "peers",
+                Box::new(|c| c.peers = [(2, "127.0.0.1:1".into())].into()),
+            ),
+            (
+                "peers",
+                Box::new(|c| c.peers = [(1, "localhost".into())].into()),
+            ),
+            ("replication_factor", Box::new(|c| c.replication_factor = 0)),
             ("shards", Box::new(|c| c.shards = 0)),
             ("shards", Box::new(|c| c.shards = MAX_SHARDS + 1)),
             ("max_key_bytes", Box::new(|c| c.max_key_bytes = 0)),

@@ -15,12 +15,16 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use futures::future::join_all;
 
+use crate::cluster;
 use crate::config::Config;
 use crate::consistency::{ReadOptions, WriteReceipt};
 use crate::error::{Error, Result};
-use crate::raft::network::NoPeers;
+use crate::raft::network::{NoPeers, Peers, ShardNetwork};
 use crate::raft::{Command, CommandResult};
 use crate::reply::{CasReply, DeleteReply, GetReply};
 use crate::router::Router;
@@ -35,13 +39,22 @@ pub struct Node {
     config: Config,
     store: Store,
     router: Router,
+    /// Shard → its replicas' node ids, preferred leader first.
+    placement: BTreeMap<ShardId, Vec<u64>>,
+    /// Channels to the other nodes (None when embedded).
+    peers: Option<Arc<Peers>>,
 }
 
 impl Node {
-    /// Opens a single-node store from `config` (validated first): creates the data directory
-    /// and its shards on first use, or recovers them, and waits until every shard can serve.
+    /// Opens a node from `config` (validated first): creates the data directory and its
+    /// shard replicas on first use, or recovers them.
     ///
-    /// Refuses a data directory created with another shard count or node id.
+    /// Embedded (no peers): every shard's only voter is this node; `open` returns once every
+    /// shard can serve. Clustered: each shard lives on the `replication_factor` nodes that
+    /// placement picks; the first of them initializes the group, exactly once; `open` returns
+    /// at once and the shards serve as soon as a majority of each group is up.
+    ///
+    /// Refuses a data directory created for another cluster, node id or shard count.
     pub async fn open(config: Config) -> Result<Node> {
         config.validate()?;
         let store = Store::open(
@@ -49,7 +62,7 @@ impl Node {
             StoreOptions {
                 wal: WalOptions {
                     segment_bytes: config.wal_segment_bytes,
-                    syncer: std::sync::Arc::new(Fdatasync),
+                    syncer: Arc::new(Fdatasync),
                 },
                 sled_cache_bytes: config.sled_cache_bytes,
             },
@@ -57,26 +70,63 @@ impl Node {
         check_identity(&store, &config)?;
         let ring = HashRing::with_shards(config.shards)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let nodes = config.node_ids();
+        let mut placement = BTreeMap::new();
+        for shard in ring.shards() {
+            let replicas = cluster::replicas(shard, &nodes, config.replication_factor)
+                .map_err(|e| Error::InvalidArgument(format!("placement: {e}")))?;
+            placement.insert(shard, replicas);
+        }
+        let local: Vec<ShardId> = placement
+            .iter()
+            .filter(|(_, replicas)| replicas.contains(&config.node_id))
+            .map(|(shard, _)| *shard)
+            .collect();
 
-        let opened = join_all(
-            ring.shards()
-                .map(|id| Shard::open(&store, &config, id, NoPeers)),
-        )
+        let peers = if config.is_clustered() {
+            Some(Peers::new(&config)?)
+        } else {
+            None
+        };
+        let opened = join_all(local.iter().map(|&id| {
+            let store = &store;
+            let config = &config;
+            let peers = peers.clone();
+            async move {
+                match peers {
+                    Some(peers) => {
+                        Shard::open(store, config, id, ShardNetwork::new(peers, id)).await
+                    }
+                    None => Shard::open(store, config, id, NoPeers).await,
+                }
+            }
+        }))
         .await;
         let shards = opened.into_iter().collect::<Result<Vec<Shard>>>()?;
-        let voters = [config.node_id];
-        let started = join_all(shards.iter().map(|shard| async {
-            if !shard.initialize_if_new(&voters).await? {
-                // Recovered: the only voter need not wait out an election timeout.
-                shard.campaign().await?;
+
+        let started = join_all(shards.iter().map(|shard| {
+            let replicas = &placement[&shard.id()];
+            let config = &config;
+            async move {
+                let initializer = replicas.first() == Some(&config.node_id);
+                let fresh = initializer && shard.initialize_if_new(replicas).await?;
+                if !config.is_clustered() {
+                    if !fresh {
+                        // Recovered: the only voter need not wait out an election timeout.
+                        shard.campaign().await?;
+                    }
+                    shard.wait_for_leader(config.request_timeout()).await?;
+                }
+                Ok::<_, Error>(())
             }
-            shard.wait_for_leader(config.request_timeout()).await
         }))
         .await;
         let node = Node {
             router: Router::new(ring, shards),
             config,
             store,
+            placement,
+            peers,
         };
         if let Some(err) = started.into_iter().find_map(Result::err) {
             node.shutdown_shards().await;
@@ -84,11 +134,43 @@ impl Node {
         }
         tracing::info!(
             node = node.config.node_id,
+            cluster = %node.config.cluster_id,
             shards = node.config.shards,
+            local_replicas = node.router.shards().count(),
             data_dir = %node.config.data_dir.display(),
             "node ready"
         );
         Ok(node)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> u64 {
+        self.config.node_id
+    }
+
+    /// The replicas of `shard`, preferred leader first.
+    pub fn replicas(&self, shard: ShardId) -> &[u64] {
+        self.placement.get(&shard).map_or(&[], Vec::as_slice)
+    }
+
+    /// The local replica of `shard`, if this node hosts one.
+    pub fn local_shard(&self, shard: ShardId) -> Option<&Shard> {
+        self.router.local(shard)
+    }
+
+    /// Every local replica.
+    pub fn local_shards(&self) -> impl Iterator<Item = &Shard> {
+        self.router.shards()
+    }
+
+    /// Channels to the other nodes (None when embedded).
+    pub fn peers(&self) -> Option<&Arc<Peers>> {
+        self.peers.as_ref()
+    }
+
+    /// The node's storage (snapshot folders for incoming snapshots).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The configuration the node runs with.
@@ -230,6 +312,7 @@ impl Node {
 /// id or shard count.
 fn check_identity(store: &Store, config: &Config) -> Result<()> {
     let wanted = Identity {
+        cluster_id: config.cluster_id.clone(),
         node_id: config.node_id,
         shards: config.shards,
     };

@@ -37,6 +37,11 @@ impl Router {
         })
     }
 
+    /// The local replica of `shard`, if any.
+    pub fn local(&self, shard: ShardId) -> Option<&Shard> {
+        self.local.get(&shard)
+    }
+
     /// Every local replica.
     pub fn shards(&self) -> impl Iterator<Item = &Shard> {
         self.local.values()

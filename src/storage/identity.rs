@@ -12,8 +12,10 @@ use crate::storage::error::{Error, Result};
 const FILE: &str = "IDENTITY";
 
 /// What a data directory was created for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
+    /// The cluster's name.
+    pub cluster_id: String,
     /// The node id.
     pub node_id: u64,
     /// The number of shards.
@@ -22,7 +24,11 @@ pub struct Identity {
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "node {} with {} shards", self.node_id, self.shards)
+        write!(
+            f,
+            "node {} of cluster {:?} with {} shards",
+            self.node_id, self.cluster_id, self.shards
+        )
     }
 }
 
@@ -39,21 +45,27 @@ pub fn read(dir: &Path) -> Result<Option<Identity>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(&path, e)),
     };
+    let mut cluster_id = None;
     let mut node_id = None;
     let mut shards = None;
     for line in text.lines() {
         match line.split_once(' ') {
+            Some(("cluster", v)) => cluster_id = Some(v.trim().to_string()),
             Some(("node", v)) => node_id = v.trim().parse::<u64>().ok(),
             Some(("shards", v)) => shards = v.trim().parse::<u32>().ok(),
             _ => {}
         }
     }
-    match (node_id, shards) {
-        (Some(node_id), Some(shards)) => Ok(Some(Identity { node_id, shards })),
+    match (cluster_id, node_id, shards) {
+        (Some(cluster_id), Some(node_id), Some(shards)) => Ok(Some(Identity {
+            cluster_id,
+            node_id,
+            shards,
+        })),
         _ => Err(Error::corruption(
             &path,
             0,
-            "identity file lacks a valid `node` or `shards` line",
+            "identity file lacks a valid `cluster`, `node` or `shards` line",
         )),
     }
 }
@@ -63,9 +75,13 @@ pub fn write(dir: &Path, identity: &Identity) -> Result<()> {
     let path = path(dir);
     let tmp = dir.join(format!("{FILE}.tmp"));
     let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    writeln!(f, "node {}\nshards {}", identity.node_id, identity.shards)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io(&tmp, e))?;
+    writeln!(
+        f,
+        "cluster {}\nnode {}\nshards {}",
+        identity.cluster_id, identity.node_id, identity.shards
+    )
+    .and_then(|_| f.sync_all())
+    .map_err(|e| Error::io(&tmp, e))?;
     fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -81,6 +97,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(read(dir.path()).unwrap(), None);
         let id = Identity {
+            cluster_id: "c1".into(),
             node_id: 3,
             shards: 64,
         };
