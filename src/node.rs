@@ -267,13 +267,19 @@ impl Node {
         }
     }
 
-    /// Stops every shard and releases the data directory.
+    /// Stops every shard and releases the data directory (it can be reopened once this
+    /// returns).
     pub async fn close(self) {
         self.shutdown_shards().await;
-        if let Err(e) = self.store.flush_state() {
-            tracing::warn!(error = %e, "flushing state machines on close failed");
-        }
-        tracing::info!(node = self.config.node_id, "node closed");
+        let Node {
+            config,
+            store,
+            router,
+            ..
+        } = self;
+        drop(router);
+        store.release(std::time::Duration::from_secs(10)).await;
+        tracing::info!(node = config.node_id, "node closed");
     }
 
     async fn shutdown_shards(&self) {

@@ -62,6 +62,8 @@ pub struct Store {
     dir: PathBuf,
     wal: Arc<Wal>,
     db: sled::Db,
+    /// One clone per open state tree: lets [`Store::release`] wait for every user to let go.
+    trees: Arc<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -91,7 +93,12 @@ impl Store {
         if db.was_recovered() {
             tracing::debug!(path = %sm_path.display(), "opened existing state-machine store");
         }
-        Ok(Store { dir, wal, db })
+        Ok(Store {
+            dir,
+            wal,
+            db,
+            trees: Arc::new(()),
+        })
     }
 
     /// The data directory.
@@ -106,7 +113,30 @@ impl Store {
 
     /// Opens `shard`'s state-machine tree.
     pub fn state_tree(&self, shard: u64) -> Result<StateTree> {
-        StateTree::open(&self.db, &self.dir.join("sm"), shard)
+        StateTree::open(&self.db, &self.dir.join("sm"), shard, self.trees.clone())
+    }
+
+    /// Flushes, then waits (up to `timeout`) until no log store or state tree uses this
+    /// store any more, and drops it: the WAL's group-commit thread stops and the directory's
+    /// locks are released, so it can be reopened. Components that own log stores or state
+    /// machines (openraft's tasks) may let go of them a little after they were told to stop.
+    /// Returns false if something still held on when the timeout expired.
+    pub async fn release(self, timeout: std::time::Duration) -> bool {
+        if let Err(e) = self.flush_state() {
+            tracing::warn!(error = %e, "flushing state machines failed");
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let idle = Arc::strong_count(&self.wal) == 1 && Arc::strong_count(&self.trees) == 1;
+            if idle {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(dir = %self.dir.display(), "storage still in use after close");
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
     }
 
     /// `shard`'s snapshot folder.

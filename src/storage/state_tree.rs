@@ -70,6 +70,8 @@ pub struct StateTree {
     shard: u64,
     generation: u64,
     tree: Arc<RwLock<sled::Tree>>,
+    /// Keeps the owning store's count of open trees (see `Store::release`).
+    _user: Arc<()>,
 }
 
 /// A read-only handle on a shard's current tree, for serving reads outside the state machine's
@@ -161,7 +163,7 @@ fn data_key(key: &[u8]) -> Vec<u8> {
 impl StateTree {
     /// Opens `shard`'s active tree in `db` (at `db_path`, used in errors), dropping trees of
     /// other generations left by an interrupted snapshot install.
-    pub fn open(db: &sled::Db, db_path: &Path, shard: u64) -> Result<StateTree> {
+    pub fn open(db: &sled::Db, db_path: &Path, shard: u64, user: Arc<()>) -> Result<StateTree> {
         let sled_err = |source| Error::Sled {
             path: db_path.to_owned(),
             source,
@@ -199,6 +201,7 @@ impl StateTree {
             shard,
             generation,
             tree: Arc::new(RwLock::new(tree)),
+            _user: user,
         })
     }
 
@@ -372,7 +375,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = db(dir.path());
-            let tree = StateTree::open(&db, dir.path(), 7).unwrap();
+            let tree = StateTree::open(&db, dir.path(), 7, Arc::new(())).unwrap();
             let writes = [
                 Write::Put(b"a".to_vec(), v(1, "x")),
                 Write::Put(b"b".to_vec(), v(1, "y")),
@@ -384,7 +387,7 @@ mod tests {
             db.flush().unwrap();
         }
         let db = db(dir.path());
-        let tree = StateTree::open(&db, dir.path(), 7).unwrap();
+        let tree = StateTree::open(&db, dir.path(), 7, Arc::new(())).unwrap();
         assert_eq!(tree.applied().unwrap().as_deref(), Some(&b"applied-1"[..]));
         assert_eq!(tree.membership().unwrap().as_deref(), Some(&b"members"[..]));
         let pairs: Vec<_> = tree.pairs().map(Result::unwrap).collect();
@@ -395,8 +398,8 @@ mod tests {
     fn shards_do_not_see_each_other() {
         let dir = tempfile::tempdir().unwrap();
         let db = db(dir.path());
-        let a = StateTree::open(&db, dir.path(), 1).unwrap();
-        let b = StateTree::open(&db, dir.path(), 2).unwrap();
+        let a = StateTree::open(&db, dir.path(), 1, Arc::new(())).unwrap();
+        let b = StateTree::open(&db, dir.path(), 2, Arc::new(())).unwrap();
         a.apply(&[Write::Put(b"k".to_vec(), v(3, "a"))], b"x", None)
             .unwrap();
         assert_eq!(b.get(b"k").unwrap(), None);
@@ -407,7 +410,7 @@ mod tests {
     fn replace_swaps_the_whole_tree_and_drops_the_old_generation() {
         let dir = tempfile::tempdir().unwrap();
         let db = db(dir.path());
-        let mut tree = StateTree::open(&db, dir.path(), 4).unwrap();
+        let mut tree = StateTree::open(&db, dir.path(), 4, Arc::new(())).unwrap();
         tree.apply(&[Write::Put(b"old".to_vec(), v(1, "o"))], b"a1", None)
             .unwrap();
         let pairs = (0..3000u64).map(|i| Ok((i.to_be_bytes().to_vec(), v(i, "n").encode())));
@@ -423,7 +426,7 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["sm/4/1".to_string()]);
         drop(tree);
-        let reopened = StateTree::open(&db, dir.path(), 4).unwrap();
+        let reopened = StateTree::open(&db, dir.path(), 4, Arc::new(())).unwrap();
         assert_eq!(reopened.pairs().count(), 3000);
     }
 
@@ -431,7 +434,7 @@ mod tests {
     fn a_half_built_generation_is_dropped_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let db = db(dir.path());
-        let tree = StateTree::open(&db, dir.path(), 9).unwrap();
+        let tree = StateTree::open(&db, dir.path(), 9, Arc::new(())).unwrap();
         tree.apply(&[Write::Put(b"k".to_vec(), v(1, "live"))], b"a", None)
             .unwrap();
         // An install that died before flipping the generation marker.
@@ -440,7 +443,7 @@ mod tests {
             .insert(b"dpartial", &b"xxxxxxxxjunk"[..])
             .unwrap();
         drop(tree);
-        let tree = StateTree::open(&db, dir.path(), 9).unwrap();
+        let tree = StateTree::open(&db, dir.path(), 9, Arc::new(())).unwrap();
         assert_eq!(tree.get(b"k").unwrap(), Some(v(1, "live")));
         assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"sm/9/1"));
     }
@@ -449,7 +452,7 @@ mod tests {
     fn a_value_without_version_is_corruption_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let db = db(dir.path());
-        let tree = StateTree::open(&db, dir.path(), 3).unwrap();
+        let tree = StateTree::open(&db, dir.path(), 3, Arc::new(())).unwrap();
         db.open_tree("sm/3/0")
             .unwrap()
             .insert(b"dk", &b"abc"[..])
