@@ -99,6 +99,7 @@
 #![deny(missing_docs)]
 
 pub mod cluster;
+pub mod client;
 pub mod config;
 pub mod consistency;
 pub mod error;

@@ -28,7 +28,7 @@ use crate::raft::network::{NoPeers, Peers, ShardNetwork};
 use crate::raft::{Command, CommandResult};
 use crate::reply::{CasReply, DeleteReply, GetReply};
 use crate::router::Router;
-use crate::shard::Shard;
+use crate::shard::{Shard, ShardView};
 use crate::sharding::{HashRing, ShardId};
 use crate::storage::wal::Fdatasync;
 use crate::storage::{Identity, Store, StoreOptions, WalOptions};
@@ -168,6 +168,20 @@ impl Node {
         self.peers.as_ref()
     }
 
+    /// Every shard as this node sees it: replicas, and for local replicas openraft's view.
+    pub fn status(&self) -> Vec<(ShardId, Vec<u64>, Option<ShardView>)> {
+        self.placement
+            .iter()
+            .map(|(shard, replicas)| {
+                (
+                    *shard,
+                    replicas.clone(),
+                    self.local_shard(*shard).map(Shard::view),
+                )
+            })
+            .collect()
+    }
+
     /// The node's storage (snapshot folders for incoming snapshots).
     pub fn store(&self) -> &Store {
         &self.store
@@ -280,6 +294,15 @@ impl Node {
         drop(router);
         store.release(std::time::Duration::from_secs(10)).await;
         tracing::info!(node = config.node_id, "node closed");
+    }
+
+    /// Stops every shard (for a node still shared, e.g. by a server that is winding down);
+    /// [`Node::close`] also releases the data directory.
+    pub async fn stop(&self) {
+        self.shutdown_shards().await;
+        if let Err(e) = self.store.flush_state() {
+            tracing::warn!(error = %e, "flushing state machines failed");
+        }
     }
 
     async fn shutdown_shards(&self) {

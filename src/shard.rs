@@ -32,6 +32,21 @@ use crate::raft::{
 };
 use crate::storage::{SnapshotFile, Store};
 
+/// A replica's view of its shard, from openraft's metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardView {
+    /// The leader this replica knows of.
+    pub leader: Option<u64>,
+    /// The current term.
+    pub term: u64,
+    /// The highest log index known committed.
+    pub commit_index: Option<u64>,
+    /// The highest log index applied to the state machine.
+    pub applied_index: Option<u64>,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: &'static str,
+}
+
 /// One local replica of a shard.
 pub struct Shard {
     id: u64,
@@ -39,6 +54,8 @@ pub struct Shard {
     raft: ShardRaft,
     reader: StateReader,
     timeout: Duration,
+    /// Logs every leadership change of the group (kept alive with the shard).
+    _leader_log: openraft::WatchChangeHandle<TypeConfig>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -89,12 +106,20 @@ impl Shard {
                 shard: id,
                 reason: e.to_string(),
             })?;
+        let node_id = config.node_id;
+        let leader_log = raft.on_cluster_leader_change(move |_old, (leader, committed)| {
+            if committed {
+                tracing::info!(shard = id, leader = %leader, me = node_id, "shard leader changed");
+            }
+            async {}
+        });
         Ok(Shard {
             id,
-            node_id: config.node_id,
+            node_id,
             raft,
             reader,
             timeout: config.request_timeout(),
+            _leader_log: leader_log,
         })
     }
 
@@ -106,6 +131,25 @@ impl Shard {
     /// The shard's openraft handle (for membership and peer traffic).
     pub fn raft(&self) -> &ShardRaft {
         &self.raft
+    }
+
+    /// This replica's view of the shard (never blocks).
+    pub fn view(&self) -> ShardView {
+        use openraft::async_runtime::watch::WatchReceiver;
+        let m = self.raft.metrics().borrow_watched().clone();
+        ShardView {
+            leader: m.current_leader,
+            term: m.current_term,
+            commit_index: m.cluster_committed.or(m.local_committed).map(|l| l.index()),
+            applied_index: m.last_applied.map(|l| l.index()),
+            role: match m.state {
+                openraft::ServerState::Leader => "leader",
+                openraft::ServerState::Follower => "follower",
+                openraft::ServerState::Candidate => "candidate",
+                openraft::ServerState::Learner => "learner",
+                openraft::ServerState::Shutdown => "shutdown",
+            },
+        }
     }
 
     /// Initializes the group with `voters` if it never was (exactly once per group, on one

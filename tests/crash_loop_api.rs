@@ -295,7 +295,6 @@ async fn worker(node: Arc<Node>, w: u64, floor: u64, seed: u64) {
             }
         } else if choice.is_multiple_of(2) {
             report(format_args!("TRY {} {counter}", key.name));
-            report(format_args!("ACK {} {counter}", key.name));
             match node.put(name, new.clone()).await {
                 Ok(_) => {
                     report(format_args!("ACK {} {counter}", key.name));

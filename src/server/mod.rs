@@ -1,4 +1,28 @@
-//! The gRPC server of a node: the client API ([`kv`]), the peer transport ([`raft`]) and the
+//! The gRPC server of a node: the client API ([`kv`]), the peer transport (`raft`) and the
 //! single error mapping ([`status`]). Services are thin: decode, call the node, encode.
 
+pub mod kv;
 pub mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::node::Node;
+
+/// Serves `node`'s client API and peer transport on `listener` until `shutdown` resolves;
+/// then stops accepting, lets in-flight requests finish, and returns.
+pub async fn serve(
+    node: Arc<Node>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .add_service(kv::kv_service(node.clone()))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
