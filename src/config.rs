@@ -38,7 +38,8 @@ pub struct Config {
     pub max_value_bytes: usize,
     /// Interval between a leader's heartbeats to each follower, in milliseconds. Each shard
     /// led sends one per follower per interval: 256 shards × 2 followers at 250 ms is about
-    /// 2,000 messages a second. Default 250.
+    /// 2,000 messages a second. openraft also uses it as the deadline of an append, so keep it
+    /// well above a follower's fsync latency. Default 250.
     pub heartbeat_interval_ms: u64,
     /// Election timeout range, in milliseconds: a follower that hears nothing from its leader
     /// for a random time in this range starts an election. It bounds failover time from below;

@@ -114,12 +114,14 @@ impl Error {
 
     /// True if the same request may succeed later or at another replica.
     pub fn is_retryable(&self) -> bool {
+        // `Shutdown`: this node is going away; another replica can serve.
         matches!(
             self,
             Error::NotLeader { .. }
                 | Error::Unavailable { .. }
                 | Error::Timeout { .. }
                 | Error::LeaderChanged { .. }
+                | Error::Shutdown
         )
     }
 }

@@ -98,8 +98,8 @@
 
 #![deny(missing_docs)]
 
-pub mod cluster;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod consistency;
 pub mod error;

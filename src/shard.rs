@@ -81,6 +81,10 @@ pub fn raft_config(config: &Config, shard: u64) -> Result<openraft::Config> {
         // A restarted leader must win an election again: its committed marker is not
         // fsynced on its own, so it cannot prove its state machine is current.
         enable_leader_restore: Some(false),
+        // A node cut off from its group must not disrupt it with higher terms on return.
+        enable_pre_vote: Some(true),
+        // The per-chunk budget when a snapshot streams to a follower.
+        install_snapshot_timeout: config.request_timeout_ms,
         ..Default::default()
     };
     raft.validate()

@@ -884,7 +884,13 @@ fn api_crash_loop_loses_no_acknowledged_write() {
                 ));
             }
             for &(counter, op) in &r.tried {
-                model.tried.insert(counter, op);
+                if let Some(earlier) = model.tried.insert(counter, op) {
+                    fail(format!(
+                        "key {key}: the child tried counter {counter} ({op:?}), which an earlier \
+                         child already tried ({earlier:?}) although it was told to start at \
+                         {floor}"
+                    ));
+                }
             }
             if let Some(&last) = r.acked.last() {
                 model.acked = Some(last);

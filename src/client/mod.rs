@@ -219,7 +219,7 @@ impl Client {
         Err(match last {
             Some(Error::Unavailable { reason, .. }) => Error::Unavailable {
                 shard: 0,
-                reason: format!("no seed answered ({}): {reason}", seeds.join(", ")),
+                reason: format!("no seed answered; last: {reason}"),
             },
             Some(e) => e,
             None => unreachable!("seeds is not empty"),
@@ -259,9 +259,13 @@ impl Client {
             value,
         };
         let reply = self
-            .call(shard, Operation::Write, "put", request, |mut c, r| async move {
-                c.put(r).await
-            })
+            .call(
+                shard,
+                Operation::Write,
+                "put",
+                request,
+                |mut c, r| async move { c.put(r).await },
+            )
             .await?;
         let receipt = reply
             .receipt
@@ -278,9 +282,13 @@ impl Client {
             options: Some(convert::read_options_to_wire(options)),
         };
         let reply = self
-            .call(shard, Operation::Read, "get", request, |mut c, r| async move {
-                c.get(r).await
-            })
+            .call(
+                shard,
+                Operation::Read,
+                "get",
+                request,
+                |mut c, r| async move { c.get(r).await },
+            )
             .await?;
         let receipt = reply
             .receipt
@@ -288,7 +296,10 @@ impl Client {
             .ok_or_else(|| malformed(shard, Operation::Read, "get reply without a receipt"))?;
         let receipt = convert::read_receipt_from_wire(receipt)
             .map_err(|e| malformed(shard, Operation::Read, &e.to_string()))?;
-        if matches!(receipt.level, ServedLevel::Linearizable | ServedLevel::Lease) {
+        if matches!(
+            receipt.level,
+            ServedLevel::Linearizable | ServedLevel::Lease
+        ) {
             // Only the leader serves these.
             self.inner.learn_leader(shard, receipt.node);
         }
@@ -312,9 +323,9 @@ impl Client {
                 |mut c, r| async move { c.delete(r).await },
             )
             .await?;
-        let receipt = reply.receipt.ok_or_else(|| {
-            malformed(shard, Operation::Write, "delete reply without a receipt")
-        })?;
+        let receipt = reply
+            .receipt
+            .ok_or_else(|| malformed(shard, Operation::Write, "delete reply without a receipt"))?;
         self.inner.learn_leader(shard, receipt.node);
         Ok(DeleteReply {
             existed: reply.existed,
@@ -428,7 +439,15 @@ impl Client {
         let mut attempt = 1;
         loop {
             let failure = match inner
-                .attempt(&target, shard, operation, what, deadline, request.clone(), &rpc)
+                .attempt(
+                    &target,
+                    shard,
+                    operation,
+                    what,
+                    deadline,
+                    request.clone(),
+                    &rpc,
+                )
                 .await
             {
                 Ok(reply) => return Ok(reply),
@@ -652,9 +671,8 @@ impl Inner {
 impl ShardMap {
     /// The map `status` describes; `via` is the address that answered.
     fn from_status(status: &kv::StatusResponse, via: &str) -> Result<ShardMap> {
-        let ring = HashRing::with_shards(status.shard_count).map_err(|e| {
-            Error::InvalidArgument(format!("node {} at {via}: {e}", status.node))
-        })?;
+        let ring = HashRing::with_shards(status.shard_count)
+            .map_err(|e| Error::InvalidArgument(format!("node {} at {via}: {e}", status.node)))?;
         let mut map = ShardMap {
             cluster_id: status.cluster_id.clone(),
             ring,

@@ -231,7 +231,9 @@ mod tests {
                 1,
                 Decision::GiveUp,
             ),
-            (Read, Error::Shutdown, 1, Decision::GiveUp),
+            // A node shutting down did nothing: another replica can serve.
+            (Read, Error::Shutdown, 1, retry(Next::OtherReplica, 20)),
+            (Write, Error::Shutdown, 1, retry(Next::OtherReplica, 20)),
             // Out of attempts.
             (Read, unavailable(), 8, Decision::GiveUp),
             (Write, not_leader(Some(3)), 8, Decision::GiveUp),

@@ -3,25 +3,65 @@
 //! every message). [`NoPeers`] is the network of an embedded single-node store: every shard's
 //! only voter is this node, so no message ever needs to leave the process, and any attempt
 //! answers `Unreachable` (which makes openraft back off instead of retrying hot).
+//!
+//! # Wire contract (`proto/raft.proto`, served by `server::raft`)
+//!
+//! Every request carries a `PeerHeader` (sender, cluster id, shard) and a payload: the bincode
+//! ([`encode_serde`]) of the openraft request. Every reply payload is the bincode of
+//! `Result<Response, RaftError>` exactly as the receiving `Raft` returned it. A snapshot travels
+//! as a client stream of slices of its file (at most [`SNAPSHOT_CHUNK_BYTES`] each), the first
+//! chunk also carrying `(vote, meta)`.
+//!
+//! # Failures as openraft sees them
+//!
+//! - deadline passed → `Timeout` (openraft retries soon);
+//! - peer down, connection refused or reset → `Unreachable` (openraft backs off);
+//! - the peer refuses us (other cluster, unknown sender, shard not hosted there, undecodable
+//!   message) or its replica of the shard has stopped → `Unreachable` too, since retrying at
+//!   once cannot help; these are configuration problems, logged at warn at most once a minute
+//!   per peer and reason;
+//! - anything else → `Network` (retried a few times, then backed off).
+//!
+//! A client never opens a connection: it clones the node-wide channel of its target.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use futures::SinkExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
 
-use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::error::{
+    NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RPCTypes, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::{OptionalSend, RaftNetworkV2};
+use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftNetworkV2, StorageError};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::pb::raft::raft_transport_client::RaftTransportClient;
+use crate::pb::raft::{PeerHeader, RaftRequest, SnapshotChunk};
 use crate::raft::{Snapshot, TypeConfig, Vote};
 use crate::storage::SnapshotFile;
+use crate::storage::codec::{decode_serde, encode_serde};
+
+/// Largest gRPC message a peer client or the peer service sends or accepts (tonic's default
+/// is 4 MiB; an AppendEntries batch of large values can exceed that).
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Largest slice of a snapshot file sent in one `SnapshotChunk`.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// How often the same warning (same peer, same reason) may be logged.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The network of a node with no peers.
 #[derive(Debug, Clone, Copy, Default)]
@@ -95,6 +135,7 @@ pub struct Peers {
     addrs: BTreeMap<u64, String>,
     channels: BTreeMap<u64, Channel>,
     rpc_timeout: Duration,
+    warnings: WarnLimiter,
 }
 
 impl Peers {
@@ -120,6 +161,7 @@ impl Peers {
             addrs: config.peers.clone(),
             channels,
             rpc_timeout: config.request_timeout(),
+            warnings: WarnLimiter::default(),
         }))
     }
 
@@ -169,10 +211,401 @@ impl ShardNetwork {
 }
 
 impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
-    type Network = NoPeerClient;
+    type Network = PeerClient;
 
-    async fn new_client(&mut self, target: u64, _node: &openraft::BasicNode) -> NoPeerClient {
-        let _ = (&self.peers, self.shard);
-        NoPeerClient { target }
+    /// Cheap: clones the node-wide channel to `target` (no connection is made here).
+    async fn new_client(&mut self, target: u64, _node: &openraft::BasicNode) -> PeerClient {
+        let client = self.peers.channel(target).map(|channel| {
+            RaftTransportClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        });
+        PeerClient {
+            peers: Arc::clone(&self.peers),
+            shard: self.shard,
+            target,
+            client,
+        }
+    }
+}
+
+/// One shard's client of one peer: every call goes over the node-wide channel to `target`.
+/// A target missing from the peer list gets a client whose every call answers `Unreachable`.
+#[derive(Debug, Clone)]
+pub struct PeerClient {
+    peers: Arc<Peers>,
+    shard: u64,
+    target: u64,
+    client: Option<RaftTransportClient<Channel>>,
+}
+
+/// The RPCs of the peer transport (for errors and logs).
+#[derive(Debug, Clone, Copy)]
+enum Rpc {
+    AppendEntries,
+    Vote,
+    PreVote,
+    InstallSnapshot,
+}
+
+impl Rpc {
+    fn name(self) -> &'static str {
+        match self {
+            Rpc::AppendEntries => "append-entries",
+            Rpc::Vote => "vote",
+            Rpc::PreVote => "pre-vote",
+            Rpc::InstallSnapshot => "install-snapshot",
+        }
+    }
+
+    fn rpc_type(self) -> RPCTypes {
+        match self {
+            Rpc::AppendEntries => RPCTypes::AppendEntries,
+            Rpc::Vote | Rpc::PreVote => RPCTypes::Vote,
+            Rpc::InstallSnapshot => RPCTypes::InstallSnapshot,
+        }
+    }
+}
+
+/// Why a peer call failed, as carried inside openraft's network errors.
+#[derive(Debug, thiserror::Error)]
+#[error("shard {shard}: {rpc} to node {target}: {detail}")]
+struct PeerCallError {
+    shard: u64,
+    target: u64,
+    rpc: &'static str,
+    detail: String,
+}
+
+impl PeerClient {
+    fn error(&self, rpc: Rpc, detail: impl fmt::Display) -> PeerCallError {
+        PeerCallError {
+            shard: self.shard,
+            target: self.target,
+            rpc: rpc.name(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// Logs `error` at warn unless the same (target, reason) was logged within the last minute.
+    fn warn_limited(&self, reason: &str, error: &PeerCallError) {
+        let key = format!("{}/{reason}", self.target);
+        if self.peers.warnings.allow(&key) {
+            tracing::warn!(
+                node = self.peers.self_id,
+                target = self.target,
+                shard = self.shard,
+                reason,
+                error = %error,
+                "peer refused or failed a Raft message (repeats are logged at most once a minute)"
+            );
+        }
+    }
+
+    fn header(&self) -> PeerHeader {
+        PeerHeader {
+            from_node: self.peers.self_id,
+            cluster_id: self.peers.cluster_id.clone(),
+            shard: self.shard,
+        }
+    }
+
+    /// The tonic client, or `Unreachable` for a target that is not in the peer list.
+    fn client(&self, rpc: Rpc) -> Result<RaftTransportClient<Channel>, PeerCallError> {
+        self.client.clone().ok_or_else(|| {
+            let e = self.error(rpc, "not in this node's peer list");
+            self.warn_limited("unknown target", &e);
+            e
+        })
+    }
+
+    fn timeout(&self, rpc: Rpc, after: Duration) -> Timeout<TypeConfig> {
+        Timeout {
+            action: rpc.rpc_type(),
+            id: self.peers.self_id,
+            target: self.target,
+            timeout: after,
+        }
+    }
+
+    /// Maps a failed call to what openraft should do about it (see the module doc).
+    fn status_error(&self, rpc: Rpc, status: &Status, ttl: Duration) -> RPCError<TypeConfig> {
+        let code = status.code();
+        // tonic reports its own grpc-timeout enforcement (client or server side) as CANCELLED
+        // "Timeout expired".
+        let timed_out = code == Code::DeadlineExceeded
+            || (code == Code::Cancelled && status.message().contains("Timeout expired"));
+        if timed_out {
+            return RPCError::Timeout(self.timeout(rpc, ttl));
+        }
+        let e = self.error(rpc, format_args!("{code:?}: {}", status.message()));
+        match code {
+            Code::Unavailable | Code::Cancelled => {
+                tracing::debug!(error = %e, "peer unreachable");
+                RPCError::Unreachable(Unreachable::new(&e))
+            }
+            Code::NotFound
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+            | Code::InvalidArgument
+            | Code::Unimplemented => {
+                self.warn_limited(&format!("{code:?}"), &e);
+                RPCError::Unreachable(Unreachable::new(&e))
+            }
+            _ => {
+                self.warn_limited(&format!("{code:?}"), &e);
+                RPCError::Network(NetworkError::new(&e))
+            }
+        }
+    }
+
+    /// Decodes a reply payload: the peer's `Result<Resp, RaftError>`. A `RaftError` without an
+    /// API error is fatal (the peer's replica of the shard stopped), and `RPCError<TypeConfig>`
+    /// cannot carry it as a remote error (its error type is `Infallible`): it is `Unreachable`.
+    fn decode_reply<Resp: DeserializeOwned>(
+        &self,
+        rpc: Rpc,
+        payload: &[u8],
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        match decode_serde::<Result<Resp, RaftError<TypeConfig>>>(payload) {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(remote)) => {
+                let e = self.error(rpc, format_args!("the peer's replica failed: {remote}"));
+                self.warn_limited("remote replica stopped", &e);
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Err(decode) => {
+                let e = self.error(rpc, format_args!("undecodable reply: {decode}"));
+                self.warn_limited("undecodable reply", &e);
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+        }
+    }
+
+    /// One unary call: encode `message`, send it with the soft deadline, decode the reply.
+    async fn unary<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        rpc: Rpc,
+        message: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let mut client = self
+            .client(rpc)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let ttl = option.soft_ttl();
+        let mut request = tonic::Request::new(RaftRequest {
+            header: Some(self.header()),
+            payload: encode_serde(message),
+        });
+        request.set_timeout(ttl);
+        let call = async {
+            match rpc {
+                Rpc::AppendEntries => client.append_entries(request).await,
+                Rpc::Vote => client.vote(request).await,
+                Rpc::PreVote => client.pre_vote(request).await,
+                Rpc::InstallSnapshot => Err(Status::internal("install-snapshot is a stream")),
+            }
+        };
+        match tokio::time::timeout(ttl, call).await {
+            Err(_) => Err(RPCError::Timeout(self.timeout(rpc, ttl))),
+            Ok(Err(status)) => Err(self.status_error(rpc, &status, ttl)),
+            Ok(Ok(reply)) => self.decode_reply(rpc, &reply.into_inner().payload),
+        }
+    }
+
+    /// Streams `file` to the peer: the first chunk carries the header and `(vote, meta)`; the
+    /// peer answers once it has verified and installed the snapshot. Reading the local file
+    /// runs on the blocking pool; the channel of one chunk applies the peer's backpressure.
+    async fn stream_snapshot(
+        &self,
+        vote: &Vote,
+        snapshot: &Snapshot,
+        deadline: Duration,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let rpc = Rpc::InstallSnapshot;
+        let mut client = self
+            .client(rpc)
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
+        let (mut tx, rx) = futures::channel::mpsc::channel::<SnapshotChunk>(1);
+        let mut request = tonic::Request::new(rx);
+        request.set_timeout(deadline);
+
+        let file = snapshot.snapshot.clone();
+        let signature = snapshot.meta.signature();
+        let mut first = Some((self.header(), encode_serde(&(vote, &snapshot.meta))));
+        let send = async move {
+            let mut offset = 0u64;
+            while offset < file.len() || first.is_some() {
+                let reading = file.clone();
+                let data = tokio::task::spawn_blocking(move || {
+                    reading.read_chunk(offset, SNAPSHOT_CHUNK_BYTES)
+                })
+                .await
+                .map_err(|e| StreamingError::Closed(ReplicationClosed::new(e)))?
+                .map_err(|e| read_error(&signature, e.into()))?;
+                if data.is_empty() && offset < file.len() {
+                    let e = std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("{} shrank while being sent", file.path().display()),
+                    );
+                    return Err(read_error(&signature, e));
+                }
+                offset += data.len() as u64;
+                let (header, snapshot_header) = first.take().unzip();
+                let chunk = SnapshotChunk {
+                    header,
+                    snapshot_header: snapshot_header.unwrap_or_default(),
+                    data,
+                };
+                if tx.send(chunk).await.is_err() {
+                    // The call ended early (the peer answered or the stream broke); its
+                    // result says why.
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        };
+        let call = client.install_snapshot(request);
+        tokio::pin!(send, call);
+        let reply = tokio::select! {
+            reply = &mut call => reply,
+            sent = &mut send => {
+                sent?;
+                call.await
+            }
+        };
+        match reply {
+            Ok(reply) => self
+                .decode_reply(rpc, &reply.into_inner().payload)
+                .map_err(StreamingError::from),
+            Err(status) => Err(self.status_error(rpc, &status, deadline).into()),
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(Rpc::AppendEntries, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(Rpc::Vote, &rpc, &option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(Rpc::PreVote, &rpc, &option).await
+    }
+
+    /// Sends the whole snapshot. The deadline grows with its size: `soft_ttl` per chunk (openraft's
+    /// `install_snapshot_timeout` is a per-segment budget), plus, for verifying and installing
+    /// it at the peer, the larger of `soft_ttl` and the node's request timeout. `cancel` stops
+    /// the transfer at once (`Closed`).
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let ttl = option.soft_ttl();
+        let chunks = snapshot
+            .snapshot
+            .len()
+            .div_ceil(SNAPSHOT_CHUNK_BYTES as u64);
+        let per_chunk = ttl.saturating_mul(u32::try_from(chunks).unwrap_or(u32::MAX));
+        let deadline = per_chunk.saturating_add(ttl.max(self.peers.rpc_timeout));
+        let send = tokio::time::timeout(deadline, self.stream_snapshot(&vote, &snapshot, deadline));
+        tokio::pin!(cancel);
+        tokio::select! {
+            closed = &mut cancel => Err(StreamingError::Closed(closed)),
+            sent = send => match sent {
+                Ok(result) => result,
+                Err(_) => Err(StreamingError::Timeout(self.timeout(Rpc::InstallSnapshot, deadline))),
+            },
+        }
+    }
+}
+
+/// A failure to read the local snapshot file being sent (a storage error, as for any other
+/// local read).
+fn read_error(
+    signature: &openraft::type_config::alias::SnapshotSignatureOf<TypeConfig>,
+    e: std::io::Error,
+) -> StreamingError<TypeConfig> {
+    let subject = ErrorSubject::Snapshot(Some(signature.clone()));
+    StreamingError::StorageError(StorageError::from_io_error(subject, ErrorVerb::Read, e))
+}
+
+/// Rate-limits a repeated warning: at most one per key per minute. Keys are few (peer × reason),
+/// and the map is cleared if it ever grows large (e.g. keys derived from hostile input).
+#[derive(Debug, Default)]
+pub(crate) struct WarnLimiter {
+    last: Mutex<HashMap<String, Instant>>,
+}
+
+impl WarnLimiter {
+    const MAX_KEYS: usize = 1024;
+
+    /// True if a warning about `key` may be logged now (and remembers that it was).
+    pub(crate) fn allow(&self, key: &str) -> bool {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = last.get(key)
+            && now.duration_since(*at) < WARN_EVERY
+        {
+            return false;
+        }
+        if last.len() >= Self::MAX_KEYS {
+            last.clear();
+        }
+        last.insert(key.to_string(), now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use openraft::error::Fatal;
+
+    #[test]
+    fn replies_round_trip_including_a_remote_fatal_error() {
+        let ok: Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>> = Ok(VoteResponse::new(
+            crate::raft::vote(3, 2),
+            Some(crate::raft::log_id(2, 1, 7)),
+            true,
+        ));
+        let back: Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>> =
+            decode_serde(&encode_serde(&ok)).unwrap();
+        assert_eq!(back, ok);
+        let err: Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>> =
+            Err(RaftError::Fatal(Fatal::Stopped));
+        let back: Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>> =
+            decode_serde(&encode_serde(&err)).unwrap();
+        assert_eq!(back, err);
+    }
+
+    #[test]
+    fn warnings_are_limited_per_key() {
+        let limiter = WarnLimiter::default();
+        assert!(limiter.allow("2/NotFound"));
+        assert!(!limiter.allow("2/NotFound"));
+        assert!(limiter.allow("3/NotFound"));
+        assert!(limiter.allow("2/PermissionDenied"));
     }
 }

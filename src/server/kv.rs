@@ -99,6 +99,10 @@ impl KvService {
             Ok(resp) => return Ok(Response::new(resp)),
             Err(e) => e,
         };
+        if let Error::InvalidArgument(reason) = &error {
+            tracing::warn!(%reason, "rejected a malformed client request");
+            return Err(self.status(&error));
+        }
         if forwarded {
             return Err(self.status(&error));
         }
@@ -251,7 +255,8 @@ impl Kv for KvService {
             node: node.id(),
             cluster_id: config.cluster_id.clone(),
             shard_count: config.shards,
-            replication_factor: config.replication_factor as u32,
+            // Effective: capped by the number of nodes.
+            replication_factor: config.replication_factor.min(config.node_ids().len()) as u32,
             nodes,
             shards,
         }))

@@ -1,7 +1,8 @@
-//! The gRPC server of a node: the client API ([`kv`]), the peer transport (`raft`) and the
+//! The gRPC server of a node: the client API ([`kv`]), the peer transport ([`raft`]) and the
 //! single error mapping ([`status`]). Services are thin: decode, call the node, encode.
 
 pub mod kv;
+pub mod raft;
 pub mod status;
 
 use std::future::Future;
@@ -23,6 +24,7 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
         .add_service(kv::kv_service(node.clone()))
+        .add_service(raft::raft_service(node.clone()))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -1,0 +1,306 @@
+//! The peer transport's server side: one service per node carries every shard's Raft traffic
+//! and dispatches on the shard id in each message's header to that shard's `Raft`.
+//!
+//! **Trusted peers only.** The service checks that a message comes from this cluster and from a
+//! node in the peer list, but it does not authenticate anyone: do not expose the port to clients
+//! you do not trust.
+//!
+//! Every request is checked in this order (the status a refused message gets):
+//!
+//! | check | status |
+//! |---|---|
+//! | the header is present | `INVALID_ARGUMENT` |
+//! | `cluster_id` is ours | `FAILED_PRECONDITION` (names both clusters) |
+//! | `from_node` is another member of our peer list | `PERMISSION_DENIED` |
+//! | the shard has a replica here | `NOT_FOUND` |
+//! | the payload decodes | `INVALID_ARGUMENT` |
+//!
+//! A refused peer is logged at warn at most once a minute per peer and reason. Payloads and
+//! replies are the bincode of openraft's messages; a reply is the `Result` the shard's `Raft`
+//! returned, so the sender sees a remote failure as such (see `raft::network`).
+//!
+//! A snapshot arrives as a stream of chunks written to a temporary file in the shard's snapshot
+//! folder, fsynced, and verified (format, structure, checksum, and that its meta matches the
+//! header) before it is handed to openraft; a damaged or mismatched transfer is refused
+//! (`DATA_LOSS` / `INVALID_ARGUMENT`) and never installed. The temporary file is removed in
+//! every case (the state machine installs a copy of it).
+//!
+//! Handlers run concurrently (tonic spawns one task per request); nothing here serializes shards.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::AsyncWriteExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use openraft::error::RaftError;
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+
+use crate::node::Node;
+use crate::pb::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
+use crate::pb::raft::{PeerHeader, RaftReply, RaftRequest, SnapshotChunk};
+use crate::raft::network::{MAX_MESSAGE_BYTES, WarnLimiter};
+use crate::raft::{Snapshot, SnapshotMeta, TypeConfig, Vote};
+use crate::shard::Shard;
+use crate::storage::SnapshotFile;
+use crate::storage::codec::{decode_serde, encode_serde};
+
+/// The peer transport service of one node.
+#[derive(Debug)]
+pub struct RaftService {
+    node: Arc<Node>,
+    warnings: WarnLimiter,
+}
+
+/// The peer transport service for `node`, with message limits large enough for big
+/// AppendEntries batches.
+pub fn raft_service(node: Arc<Node>) -> RaftTransportServer<RaftService> {
+    RaftTransportServer::new(RaftService::new(node))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+impl RaftService {
+    /// A service dispatching to `node`'s shards.
+    pub fn new(node: Arc<Node>) -> RaftService {
+        RaftService {
+            node,
+            warnings: WarnLimiter::default(),
+        }
+    }
+
+    /// Checks `header` (see the module doc) and returns the local replica it addresses.
+    fn admit(&self, header: Option<&PeerHeader>, rpc: &str) -> Result<&Shard, Status> {
+        let Some(header) = header else {
+            return Err(Status::invalid_argument(format!(
+                "{rpc}: peer message without a header"
+            )));
+        };
+        let config = self.node.config();
+        let from = header.from_node;
+        if header.cluster_id != config.cluster_id {
+            let status = Status::failed_precondition(format!(
+                "node {from} belongs to cluster {:?}, but node {} belongs to cluster {:?}",
+                header.cluster_id, config.node_id, config.cluster_id
+            ));
+            return Err(self.refuse(header, "other cluster", status));
+        }
+        if from == config.node_id || !config.peers.contains_key(&from) {
+            let status = Status::permission_denied(format!(
+                "node {from} is not a member of cluster {:?}",
+                config.cluster_id
+            ));
+            return Err(self.refuse(header, "not a member", status));
+        }
+        self.node.local_shard(header.shard).ok_or_else(|| {
+            let status = Status::not_found(format!(
+                "shard {} has no replica on node {}",
+                header.shard, config.node_id
+            ));
+            self.refuse(header, "shard not hosted", status)
+        })
+    }
+
+    /// Logs a refused message (at most once a minute per sender and reason) and returns `status`.
+    fn refuse(&self, header: &PeerHeader, reason: &str, status: Status) -> Status {
+        let key = format!("{}/{:?}/{reason}", header.from_node, header.cluster_id);
+        if self.warnings.allow(&key) {
+            tracing::warn!(
+                node = self.node.id(),
+                from = header.from_node,
+                cluster = %header.cluster_id,
+                shard = header.shard,
+                reason,
+                detail = status.message(),
+                "refused a peer message (repeats are logged at most once a minute)"
+            );
+        }
+        status
+    }
+
+    /// Admits `request` and decodes its payload.
+    fn open<T: DeserializeOwned>(
+        &self,
+        request: &RaftRequest,
+        rpc: &str,
+    ) -> Result<(&Shard, T), Status> {
+        let shard = self.admit(request.header.as_ref(), rpc)?;
+        let message = decode(&request.payload, rpc)?;
+        Ok((shard, message))
+    }
+
+    /// Receives a snapshot stream into a temporary file, verifies it, and installs it.
+    async fn receive_snapshot(
+        &self,
+        mut stream: Streaming<SnapshotChunk>,
+    ) -> Result<Response<RaftReply>, Status> {
+        const RPC: &str = "install-snapshot";
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument(format!("{RPC}: empty snapshot stream")))?;
+        let shard = self.admit(first.header.as_ref(), RPC)?;
+        // Admitted, so present.
+        let header = first.header.clone().unwrap_or_default();
+        let from = header.from_node;
+        let (vote, meta): (Vote, SnapshotMeta) = decode(&first.snapshot_header, RPC)?;
+
+        let snapshots = self.node.store().snapshot_dir(shard.id());
+        let index = meta.last_log_id.as_ref().map_or(0, |l| l.index());
+        let name = snapshots.next_name(index).map_err(internal)?;
+        // `.tmp`: a leftover from a crash mid-transfer is removed when the shard next opens.
+        let temp = TempFile(snapshots.path().join(format!("{name}.recv.tmp")));
+        let mut bytes = 0u64;
+        {
+            tokio::fs::create_dir_all(snapshots.path())
+                .await
+                .map_err(|e| io_status(snapshots.path(), e))?;
+            let mut file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(temp.path())
+                .await
+                .map_err(|e| io_status(temp.path(), e))?;
+            let mut chunk = Some(first);
+            while let Some(c) = chunk {
+                if c.header.as_ref().is_some_and(|h| h.shard != shard.id()) {
+                    return Err(Status::invalid_argument(format!(
+                        "{RPC}: a chunk addressed another shard than the first one ({})",
+                        shard.id()
+                    )));
+                }
+                file.write_all(&c.data)
+                    .await
+                    .map_err(|e| io_status(temp.path(), e))?;
+                bytes += c.data.len() as u64;
+                chunk = stream.message().await?;
+            }
+            file.flush().await.map_err(|e| io_status(temp.path(), e))?;
+            file.sync_all()
+                .await
+                .map_err(|e| io_status(temp.path(), e))?;
+        }
+
+        let path = temp.path().to_path_buf();
+        let (file, file_meta) = tokio::task::spawn_blocking(move || {
+            let file = SnapshotFile::open(&path)?;
+            let meta = file.verify()?;
+            Ok::<_, crate::storage::Error>((file, meta))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("{RPC}: verifying the snapshot: {e}")))?
+        .map_err(|e| {
+            let damaged = !matches!(e, crate::storage::Error::Io { .. });
+            let detail = format!(
+                "{RPC}: snapshot from node {from} for shard {} ({bytes} bytes) is damaged: {e}",
+                shard.id()
+            );
+            if !damaged {
+                return Status::internal(detail);
+            }
+            self.refuse(&header, "damaged snapshot", Status::data_loss(detail))
+        })?;
+        let file_meta: SnapshotMeta = decode_serde(&file_meta).map_err(|e| {
+            Status::data_loss(format!(
+                "{RPC}: the snapshot file's meta does not decode: {e}"
+            ))
+        })?;
+        if file_meta != meta {
+            return Err(Status::invalid_argument(format!(
+                "{RPC}: the snapshot file describes {file_meta:?}, but its header says {meta:?}"
+            )));
+        }
+        tracing::info!(
+            node = self.node.id(),
+            from,
+            shard = shard.id(),
+            bytes,
+            last = ?meta.last_log_id,
+            "received a snapshot"
+        );
+        let snapshot = Snapshot {
+            meta,
+            snapshot: file,
+        };
+        let result = shard
+            .raft()
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(RaftError::<TypeConfig>::Fatal);
+        Ok(reply(&result))
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let (shard, rpc): (_, AppendEntriesRequest<TypeConfig>) =
+            self.open(request.get_ref(), "append-entries")?;
+        Ok(reply(&shard.raft().append_entries(rpc).await))
+    }
+
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let (shard, rpc): (_, VoteRequest<TypeConfig>) = self.open(request.get_ref(), "vote")?;
+        Ok(reply(&shard.raft().vote(rpc).await))
+    }
+
+    async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let (shard, rpc): (_, VoteRequest<TypeConfig>) =
+            self.open(request.get_ref(), "pre-vote")?;
+        Ok(reply(&shard.raft().pre_vote(rpc).await))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftReply>, Status> {
+        self.receive_snapshot(request.into_inner()).await
+    }
+}
+
+/// Decodes a payload; garbage is the sender's fault.
+fn decode<T: DeserializeOwned>(payload: &[u8], rpc: &str) -> Result<T, Status> {
+    decode_serde(payload)
+        .map_err(|e| Status::invalid_argument(format!("{rpc}: undecodable payload: {e}")))
+}
+
+/// The reply carrying `result` as the `Raft` returned it.
+fn reply<T: Serialize>(result: &T) -> Response<RaftReply> {
+    Response::new(RaftReply {
+        payload: encode_serde(result),
+    })
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+fn io_status(path: &Path, e: io::Error) -> Status {
+    Status::internal(format!("{}: {e}", path.display()))
+}
+
+/// A file removed when dropped: on success, on a refused transfer, and when the handler is
+/// cancelled (the sender gave up or its deadline passed).
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.0.display(), error = %e, "could not remove a received snapshot");
+        }
+    }
+}
