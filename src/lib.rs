@@ -11,7 +11,7 @@
 //! ## The request path
 //!
 //! ```text
-//! client / Db API ─► router (key → shard → replica) ─► shard ─► raft (propose / read-index)
+//! client / Node API ─► router (key → shard → replica) ─► shard ─► raft (propose / read-index)
 //!                                                              ├► raft::LogStore ─► storage::wal   (fdatasync, group commit)
 //!                                                              └► raft::StateMachine ─► storage::state_tree (sled)
 //!                                                                                    └► storage::snapshot_file
@@ -21,8 +21,9 @@
 //! Modules import downward only: [`storage`] knows nothing of Raft (it stores opaque bytes);
 //! [`raft`] adapts openraft to storage and is the only module that names openraft storage
 //! types; [`sharding`] and [`cluster`] are pure functions; [`shard`] runs one replica;
-//! [`router`] and [`node`] compose them. Built so far: the durable core and the embedded
-//! single-node store. The gRPC server, client and binaries follow (see the module map).
+//! [`router`] and [`node`] compose them; [`server`] and [`client`] put them on the wire
+//! ([`pb`] is the only module that converts between wire and domain types, and
+//! `server::status` the only one that maps errors to gRPC statuses).
 //!
 //! **Where the code differs from ARCHITECTURE.md, and why**
 //! - openraft's storage types appear in [`shard`] too (error mapping, read policy): the seam
@@ -94,7 +95,10 @@
 //! | [`router`] | key → shard → local replica |
 //! | [`node`] | composition root and the key-value API: [`Node`] |
 //! | [`reply`] | what the API returns |
-//! | *next* | `server` (gRPC), `client`, `bin/kvnode`, `bin/kvctl` |
+//! | [`pb`] | generated gRPC code and the wire ↔ domain conversions |
+//! | [`server`] | tonic services: client API with forwarding ([`server::kv`]), peer transport ([`server::raft`]), the error mapping ([`server::status`]) |
+//! | [`client`] | the Rust client: shard- and leader-aware, retries only what is safe |
+//! | `bin/kvnode`, `bin/kvctl` | flags → [`Config`] → [`Node`] → serve; the CLI over [`client::Client`] |
 
 #![deny(missing_docs)]
 
