@@ -110,6 +110,7 @@ pub mod error;
 pub mod node;
 pub mod pb;
 pub mod raft;
+pub mod read_index;
 pub mod reply;
 pub mod router;
 pub mod server;

@@ -95,9 +95,10 @@ impl Node {
             async move {
                 match peers {
                     Some(peers) => {
-                        Shard::open(store, config, id, ShardNetwork::new(peers, id)).await
+                        let network = ShardNetwork::new(peers.clone(), id);
+                        Shard::open(store, config, id, network, Some(peers)).await
                     }
-                    None => Shard::open(store, config, id, NoPeers).await,
+                    None => Shard::open(store, config, id, NoPeers, None).await,
                 }
             }
         }))

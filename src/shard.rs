@@ -16,7 +16,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::watch::WatchReceiver;
 
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::metrics::WaitError;
@@ -26,10 +28,12 @@ use openraft::{BasicNode, ReadPolicy, SnapshotPolicy};
 use crate::config::Config;
 use crate::consistency::{Fallback, ReadLevel, ReadReceipt, ServedLevel, Staleness};
 use crate::error::{Error, Result};
+use crate::raft::network::Peers;
 use crate::raft::{
     Command, CommandResult, LogStore, ShardRaft, StateMachine, StateReader, TypeConfig,
     VersionedValue,
 };
+use crate::read_index::{Freshness, RoundError, Rounds};
 use crate::storage::{SnapshotFile, Store};
 
 /// A replica's view of its shard, from openraft's metrics.
@@ -54,6 +58,14 @@ pub struct Shard {
     raft: ShardRaft,
     reader: StateReader,
     timeout: Duration,
+    /// How long a session read waits for this replica to catch up before failing.
+    session_wait: Duration,
+    /// Channels to the other nodes (follower read-index requests); None when embedded.
+    peers: Option<Arc<Peers>>,
+    /// Coalesces this replica's read-index rounds while it leads.
+    rounds: Rounds,
+    /// The last read-index round this replica completed (bounded-staleness proofs).
+    freshness: Freshness,
     /// Logs every leadership change of the group (kept alive with the shard).
     _leader_log: openraft::WatchChangeHandle<TypeConfig>,
 }
@@ -94,7 +106,13 @@ pub fn raft_config(config: &Config, shard: u64) -> Result<openraft::Config> {
 impl Shard {
     /// Opens shard `id`'s replica on this node: its log in the WAL, its state machine (restored
     /// from a snapshot if sled fell behind the log's purge point), and its Raft group.
-    pub async fn open<N>(store: &Store, config: &Config, id: u64, network: N) -> Result<Shard>
+    pub async fn open<N>(
+        store: &Store,
+        config: &Config,
+        id: u64,
+        network: N,
+        peers: Option<Arc<Peers>>,
+    ) -> Result<Shard>
     where
         N: RaftNetworkFactory<TypeConfig>,
         N::Network: NetSnapshot<TypeConfig, SnapshotData = SnapshotFile>,
@@ -123,6 +141,11 @@ impl Shard {
             raft,
             reader,
             timeout: config.request_timeout(),
+            session_wait: Duration::from_millis(config.election_timeout_max_ms)
+                .min(config.request_timeout()),
+            peers,
+            rounds: Rounds::default(),
+            freshness: Freshness::default(),
             _leader_log: leader_log,
         })
     }
@@ -139,7 +162,6 @@ impl Shard {
 
     /// This replica's view of the shard (never blocks).
     pub fn view(&self) -> ShardView {
-        use openraft::async_runtime::watch::WatchReceiver;
         let m = self.raft.metrics().borrow_watched().clone();
         ShardView {
             leader: m.current_leader,
@@ -234,10 +256,7 @@ impl Shard {
         level: &ReadLevel,
     ) -> Result<(Option<VersionedValue>, ReadReceipt)> {
         match level {
-            ReadLevel::Linearizable => {
-                self.confirm_leadership(ReadPolicy::ReadIndex).await?;
-                self.local(key, ServedLevel::Linearizable, Staleness::Zero)
-            }
+            ReadLevel::Linearizable => self.linearizable(key).await,
             ReadLevel::Lease => {
                 self.confirm_leadership(ReadPolicy::LeaseRead).await?;
                 self.local(key, ServedLevel::Lease, Staleness::Zero)
@@ -245,33 +264,167 @@ impl Shard {
             ReadLevel::Session(token) => {
                 let required = token.required(self.id);
                 if required > 0 {
-                    self.raft
-                        .wait(Some(self.timeout))
+                    let caught_up = self
+                        .raft
+                        .wait(Some(self.session_wait))
                         .applied_index_at_least(Some(required), "session read")
-                        .await
-                        .map_err(|e| self.wait_error(e, "session read", false))?;
-                }
-                self.local(key, ServedLevel::Session, Staleness::Unknown)
-            }
-            ReadLevel::Bounded { fallback, .. } => {
-                match self.confirm_leadership(ReadPolicy::LeaseRead).await {
-                    Ok(()) => {
-                        self.local(key, ServedLevel::Bounded, Staleness::AtMost(Duration::ZERO))
-                    }
-                    Err(e) => match fallback {
-                        Fallback::Linearizable => {
-                            self.confirm_leadership(ReadPolicy::ReadIndex).await?;
-                            self.local(key, ServedLevel::Linearizable, Staleness::Zero)
+                        .await;
+                    match caught_up {
+                        Ok(_) => {}
+                        Err(WaitError::ShuttingDown) => return Err(Error::Shutdown),
+                        Err(WaitError::Timeout(..)) => {
+                            let applied = self.applied_index()?;
+                            return Err(Error::Unavailable {
+                                shard: self.id,
+                                reason: format!(
+                                    "this replica has applied up to {applied}, the session needs {required}"
+                                ),
+                            });
                         }
-                        Fallback::Fail => Err(Error::Unavailable {
-                            shard: self.id,
-                            reason: format!("cannot prove the staleness bound: {e}"),
-                        }),
-                    },
+                    }
+                }
+                let staleness = self.proven_staleness()?;
+                self.local(key, ServedLevel::Session, staleness)
+            }
+            ReadLevel::Bounded {
+                max_staleness,
+                fallback,
+            } => {
+                let applied = self.applied_index()?;
+                if let Some(age) = self.freshness.staleness(applied)
+                    && age <= *max_staleness
+                {
+                    return self.local(key, ServedLevel::Bounded, Staleness::AtMost(age));
+                }
+                if self.confirm_leadership(ReadPolicy::LeaseRead).await.is_ok() {
+                    return self.local(
+                        key,
+                        ServedLevel::Bounded,
+                        Staleness::AtMost(Duration::ZERO),
+                    );
+                }
+                match fallback {
+                    Fallback::Linearizable => self.linearizable(key).await,
+                    Fallback::Fail => Err(Error::Unavailable {
+                        shard: self.id,
+                        reason: match self.freshness.staleness(applied) {
+                            Some(age) => format!(
+                                "cannot prove staleness within {max_staleness:?}: last proof is {age:?} old"
+                            ),
+                            None => format!(
+                                "cannot prove staleness within {max_staleness:?}: no recent contact with a leader"
+                            ),
+                        },
+                    }),
                 }
             }
-            ReadLevel::Eventual => self.local(key, ServedLevel::Eventual, Staleness::Unknown),
+            ReadLevel::Eventual => {
+                let staleness = self.proven_staleness()?;
+                self.local(key, ServedLevel::Eventual, staleness)
+            }
         }
+    }
+
+    /// A linearizable read served here: a read index from the leader (this replica, or the
+    /// leader over the peer transport), then local state once it is applied that far.
+    async fn linearizable(&self, key: &[u8]) -> Result<(Option<VersionedValue>, ReadReceipt)> {
+        let index = self.read_index().await?;
+        self.raft
+            .wait(Some(self.timeout))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await
+            .map_err(|e| self.wait_error(e, "waiting to apply the read index", false))?;
+        self.local(key, ServedLevel::Linearizable, Staleness::Zero)
+    }
+
+    /// A read index for this shard from wherever the leader is; records the freshness it proves.
+    pub async fn read_index(&self) -> Result<u64> {
+        let started = Instant::now();
+        let mut leader = self.raft.metrics().borrow_watched().current_leader;
+        for _ in 0..2 {
+            let result = match leader {
+                Some(l) if l == self.node_id => self.leader_read_index().await,
+                Some(l) => match &self.peers {
+                    Some(peers) => peers.read_index(l, self.id).await,
+                    None => Err(Error::Unavailable {
+                        shard: self.id,
+                        reason: "no peer transport".into(),
+                    }),
+                },
+                None => Err(Error::Unavailable {
+                    shard: self.id,
+                    reason: "no leader known".into(),
+                }),
+            };
+            match result {
+                Ok(index) => {
+                    self.freshness.record(started, index);
+                    return Ok(index);
+                }
+                // The leader moved: ask the one it names, once.
+                Err(Error::NotLeader {
+                    leader_hint: Some(next),
+                    ..
+                }) if Some(next) != leader => leader = Some(next),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Unavailable {
+            shard: self.id,
+            reason: "the leader kept moving".into(),
+        })
+    }
+
+    /// A read index obtained as the leader: a quorum round, coalesced with concurrent reads.
+    pub async fn leader_read_index(&self) -> Result<u64> {
+        let started = Instant::now();
+        let raft = self.raft.clone();
+        let timeout = self.timeout;
+        let index = self
+            .rounds
+            .read_index(move || {
+                let raft = raft.clone();
+                async move {
+                    match tokio::time::timeout(
+                        timeout,
+                        raft.get_read_linearizer(ReadPolicy::ReadIndex),
+                    )
+                    .await
+                    {
+                        Err(_) => Err(RoundError::Unavailable("read-index round timed out".into())),
+                        Ok(Ok(linearizer)) => Ok(linearizer.read_log_id().index()),
+                        Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                            Err(RoundError::NotLeader(f.leader_id))
+                        }
+                        Ok(Err(e)) => Err(RoundError::Unavailable(e.to_string())),
+                    }
+                }
+            })
+            .await
+            .map_err(|e| e.into_error(self.id))?;
+        self.freshness.record(started, index);
+        Ok(index)
+    }
+
+    /// Read-index rounds this replica has run as leader (coalescing makes this smaller than
+    /// the number of linearizable reads).
+    pub fn read_index_rounds(&self) -> u64 {
+        self.rounds.started()
+    }
+
+    fn applied_index(&self) -> Result<u64> {
+        self.reader
+            .applied_index()
+            .map_err(|e| io_to_error(self.id, e))
+    }
+
+    /// The staleness bound this replica can prove for its current state, if any.
+    fn proven_staleness(&self) -> Result<Staleness> {
+        let applied = self.applied_index()?;
+        Ok(self
+            .freshness
+            .staleness(applied)
+            .map_or(Staleness::Unknown, Staleness::AtMost))
     }
 
     /// Reads local state: the applied index first, so the value reflects at least that much.

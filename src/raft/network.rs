@@ -194,6 +194,63 @@ impl Peers {
     pub fn rpc_timeout(&self) -> Duration {
         self.rpc_timeout
     }
+
+    /// Asks `leader` for a read index of `shard` (a follower's linearizable read). The reply
+    /// is an index every write acknowledged before the request was sent is at or below.
+    pub async fn read_index(&self, leader: u64, shard: u64) -> Result<u64> {
+        let unavailable = |reason: String| Error::Unavailable { shard, reason };
+        let channel = self
+            .channel(leader)
+            .ok_or_else(|| unavailable(format!("leader {leader} is not a known peer")))?;
+        let mut client = RaftTransportClient::new(channel);
+        let mut request = tonic::Request::new(RaftRequest {
+            header: Some(PeerHeader {
+                from_node: self.self_id,
+                cluster_id: self.cluster_id.clone(),
+                shard,
+            }),
+            payload: Vec::new(),
+        });
+        request.set_timeout(self.rpc_timeout);
+        let reply = match tokio::time::timeout(self.rpc_timeout, client.read_index(request)).await {
+            Err(_) => {
+                return Err(Error::Timeout {
+                    shard,
+                    operation: "read index from the leader",
+                    millis: self.rpc_timeout.as_millis() as u64,
+                    write: false,
+                });
+            }
+            Ok(Err(status)) => {
+                return Err(unavailable(format!(
+                    "read index from leader {leader}: {}",
+                    status.message()
+                )));
+            }
+            Ok(Ok(reply)) => reply.into_inner(),
+        };
+        match decode_serde::<ReadIndexReply>(&reply.payload) {
+            Ok(ReadIndexReply::Index(index)) => Ok(index),
+            Ok(ReadIndexReply::NotLeader(leader_hint)) => {
+                Err(Error::NotLeader { shard, leader_hint })
+            }
+            Ok(ReadIndexReply::Unavailable(reason)) => Err(unavailable(reason)),
+            Err(e) => Err(unavailable(format!(
+                "undecodable read-index reply from {leader}: {e}"
+            ))),
+        }
+    }
+}
+
+/// A leader's answer to a follower's read-index request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub enum ReadIndexReply {
+    /// The read index.
+    Index(u64),
+    /// The asked node does not lead the shard; the leader it knows of.
+    NotLeader(Option<u64>),
+    /// Leadership could not be confirmed (no quorum) or the shard is stopped.
+    Unavailable(String),
 }
 
 /// One shard's openraft network over the shared [`Peers`] channels.

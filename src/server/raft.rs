@@ -42,6 +42,7 @@ use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use crate::node::Node;
 use crate::pb::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
 use crate::pb::raft::{PeerHeader, RaftReply, RaftRequest, SnapshotChunk};
+use crate::raft::network::ReadIndexReply;
 use crate::raft::network::{MAX_MESSAGE_BYTES, WarnLimiter};
 use crate::raft::{Snapshot, SnapshotMeta, TypeConfig, Vote};
 use crate::shard::Shard;
@@ -254,6 +255,21 @@ impl RaftTransport for RaftService {
         let (shard, rpc): (_, VoteRequest<TypeConfig>) =
             self.open(request.get_ref(), "pre-vote")?;
         Ok(reply(&shard.raft().pre_vote(rpc).await))
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let shard = self.admit(request.get_ref().header.as_ref(), "read-index")?;
+        let answer = match shard.leader_read_index().await {
+            Ok(index) => ReadIndexReply::Index(index),
+            Err(crate::error::Error::NotLeader { leader_hint, .. }) => {
+                ReadIndexReply::NotLeader(leader_hint)
+            }
+            Err(e) => ReadIndexReply::Unavailable(e.to_string()),
+        };
+        Ok(reply(&answer))
     }
 
     async fn install_snapshot(
