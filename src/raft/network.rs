@@ -136,6 +136,8 @@ pub struct Peers {
     channels: BTreeMap<u64, Channel>,
     rpc_timeout: Duration,
     warnings: WarnLimiter,
+    /// Fault injection (tests): nodes this node neither sends to nor accepts messages from.
+    cut_off: std::sync::RwLock<std::collections::BTreeSet<u64>>,
 }
 
 impl Peers {
@@ -162,6 +164,7 @@ impl Peers {
             channels,
             rpc_timeout: config.request_timeout(),
             warnings: WarnLimiter::default(),
+            cut_off: Default::default(),
         }))
     }
 
@@ -175,9 +178,31 @@ impl Peers {
         &self.cluster_id
     }
 
-    /// The channel to `node`, if it is a peer.
+    /// The channel to `node`, if it is a peer (and not cut off by a test partition).
     pub fn channel(&self, node: u64) -> Option<Channel> {
+        if self.is_cut_off(node) {
+            return None;
+        }
         self.channels.get(&node).cloned()
+    }
+
+    /// Fault injection for tests: from now on this node sends nothing to `nodes` and refuses
+    /// everything they send (as a firewall dropping both directions would). Cut both sides of
+    /// a link for a symmetric partition.
+    #[doc(hidden)]
+    pub fn cut_off(&self, nodes: impl IntoIterator<Item = u64>) {
+        self.cut_off.write().expect("cut_off lock").extend(nodes);
+    }
+
+    /// Fault injection for tests: restores every link cut with [`Peers::cut_off`].
+    #[doc(hidden)]
+    pub fn heal(&self) {
+        self.cut_off.write().expect("cut_off lock").clear();
+    }
+
+    /// True if a test partition cut this node off from `node`.
+    pub fn is_cut_off(&self, node: u64) -> bool {
+        self.cut_off.read().expect("cut_off lock").contains(&node)
     }
 
     /// `node`'s address as configured.
@@ -369,6 +394,9 @@ impl PeerClient {
 
     /// The tonic client, or `Unreachable` for a target that is not in the peer list.
     fn client(&self, rpc: Rpc) -> Result<RaftTransportClient<Channel>, PeerCallError> {
+        if self.peers.is_cut_off(self.target) {
+            return Err(self.error(rpc, "link cut by a test partition"));
+        }
         self.client.clone().ok_or_else(|| {
             let e = self.error(rpc, "not in this node's peer list");
             self.warn_limited("unknown target", &e);

@@ -96,6 +96,10 @@ impl RaftService {
             ));
             return Err(self.refuse(header, "not a member", status));
         }
+        if self.node.peers().is_some_and(|p| p.is_cut_off(from)) {
+            // A test partition: behave like a dropped packet would, as far as the sender sees.
+            return Err(Status::unavailable(format!("link from node {from} is cut")));
+        }
         self.node.local_shard(header.shard).ok_or_else(|| {
             let status = Status::not_found(format!(
                 "shard {} has no replica on node {}",
