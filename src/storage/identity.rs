@@ -4,9 +4,9 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::storage::durable_file;
 use crate::storage::error::{Error, Result};
 
 const FILE: &str = "IDENTITY";
@@ -72,20 +72,11 @@ pub fn read(dir: &Path) -> Result<Option<Identity>> {
 
 /// Writes `identity` into `dir` durably.
 pub fn write(dir: &Path, identity: &Identity) -> Result<()> {
-    let path = path(dir);
-    let tmp = dir.join(format!("{FILE}.tmp"));
-    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    writeln!(
-        f,
-        "cluster {}\nnode {}\nshards {}",
+    let text = format!(
+        "cluster {}\nnode {}\nshards {}\n",
         identity.cluster_id, identity.node_id, identity.shards
-    )
-    .and_then(|_| f.sync_all())
-    .map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
+    );
+    durable_file::write_atomically(dir, FILE, text.as_bytes())
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! ```
 
 pub mod codec;
+pub mod durable_file;
 pub mod error;
 pub mod identity;
 pub mod snapshot_file;
@@ -20,7 +21,6 @@ pub mod state_tree;
 pub mod wal;
 
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -181,15 +181,8 @@ fn check_or_create_format(dir: &Path) -> Result<()> {
             path: dir.to_owned(),
         });
     }
-    let tmp = dir.join("FORMAT.tmp");
-    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    writeln!(f, "{FORMAT_HEADER}\nformat {DATA_DIR_FORMAT}")
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
+    let text = format!("{FORMAT_HEADER}\nformat {DATA_DIR_FORMAT}\n");
+    durable_file::write_atomically(dir, FORMAT_FILE, text.as_bytes())
 }
 
 fn parse_format(path: &Path, text: &str) -> Result<()> {

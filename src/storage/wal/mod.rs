@@ -42,6 +42,7 @@ pub use group_commit::{Fdatasync, Syncer, Waiter};
 pub use record::ShardMeta;
 
 use crate::storage::codec::{self, Frame};
+use crate::storage::durable_file::sync_dir;
 use crate::storage::error::{Error, Result};
 use index::{Loc, ShardIndex};
 use record::{Envelope, Record};
@@ -676,12 +677,6 @@ fn create_segment(
     syncer.sync(&file).map_err(|e| Error::io(&path, e))?;
     sync_dir(dir)?;
     Ok((file, buf.len() as u64))
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
 }
 
 /// Replays the segments in `dir` and returns the state to continue from.
