@@ -5,14 +5,16 @@
 //! Writes go through `client_write`: the entry is durable on a majority and applied before the
 //! reply, and compare-and-set is decided at apply time. Reads:
 //!
-//! - **linearizable**: openraft's read index (the leader confirms its leadership with a quorum
-//!   and waits until it has applied up to the commit index), then local state;
+//! - **linearizable**: a read index from the leader (a coalesced quorum round when this replica
+//!   leads, the `ReadIndex` peer RPC when it follows), then local state once applied that far;
 //! - **lease**: the same without the round trip while the leader's lease holds;
-//! - **session**: wait (bounded by the request timeout) until this replica has applied the
-//!   session token's index for the shard, then local state;
-//! - **bounded staleness**: served locally when this replica can prove freshness (here: it is
-//!   the leader within its lease, staleness 0); otherwise the request's fallback applies;
-//! - **eventual**: local state, no checks.
+//! - **session**: wait (at most one election timeout) until this replica has applied the
+//!   session token's index for the shard, then local state; else `Unavailable`;
+//! - **bounded staleness**: served locally when this replica's last read-index round (see
+//!   [`crate::read_index`]) is younger than the bound and applied, or when it leads within its
+//!   lease; otherwise the request's fallback applies: a linearizable read, or (fail-if-stale)
+//!   one proof round that must complete within the bound;
+//! - **eventual**: local state, no checks; the receipt bounds the staleness when a proof exists.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -305,17 +307,25 @@ impl Shard {
                 }
                 match fallback {
                     Fallback::Linearizable => self.linearizable(key).await,
-                    Fallback::Fail => Err(Error::Unavailable {
-                        shard: self.id,
-                        reason: match self.freshness.staleness(applied) {
-                            Some(age) => format!(
-                                "cannot prove staleness within {max_staleness:?}: last proof is {age:?} old"
-                            ),
-                            None => format!(
-                                "cannot prove staleness within {max_staleness:?}: no recent contact with a leader"
-                            ),
-                        },
-                    }),
+                    // Try to prove the bound within the bound itself; never serve beyond it.
+                    Fallback::Fail => match self.prove_fresh(*max_staleness).await {
+                        // The age as of now (the proof keeps ageing while we read).
+                        Some(_) => {
+                            let staleness = self.proven_staleness()?;
+                            self.local(key, ServedLevel::Bounded, staleness)
+                        }
+                        None => Err(Error::Unavailable {
+                            shard: self.id,
+                            reason: match self.freshness.staleness(applied) {
+                                Some(age) => format!(
+                                    "cannot prove staleness within {max_staleness:?}: last proof is {age:?} old"
+                                ),
+                                None => format!(
+                                    "cannot prove staleness within {max_staleness:?}: no recent contact with a leader"
+                                ),
+                            },
+                        }),
+                    },
                 }
             }
             ReadLevel::Eventual => {
@@ -328,13 +338,46 @@ impl Shard {
     /// A linearizable read served here: a read index from the leader (this replica, or the
     /// leader over the peer transport), then local state once it is applied that far.
     async fn linearizable(&self, key: &[u8]) -> Result<(Option<VersionedValue>, ReadReceipt)> {
-        let index = self.read_index().await?;
-        self.raft
-            .wait(Some(self.timeout))
-            .applied_index_at_least(Some(index), "linearizable read")
-            .await
-            .map_err(|e| self.wait_error(e, "waiting to apply the read index", false))?;
-        self.local(key, ServedLevel::Linearizable, Staleness::Zero)
+        // The whole read, rounds and apply wait included, is bounded by the request timeout.
+        let proven = tokio::time::timeout(self.timeout, async {
+            let index = self.read_index().await?;
+            self.raft
+                .wait(Some(self.timeout))
+                .applied_index_at_least(Some(index), "linearizable read")
+                .await
+                .map_err(|e| self.wait_error(e, "waiting to apply the read index", false))
+        })
+        .await;
+        match proven {
+            Err(_) => Err(Error::Unavailable {
+                shard: self.id,
+                reason: format!(
+                    "no read index confirmed by a quorum within {} ms",
+                    self.timeout.as_millis()
+                ),
+            }),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(_)) => self.local(key, ServedLevel::Linearizable, Staleness::Zero),
+        }
+    }
+
+    /// Runs one read-index round and waits to apply it, all within `budget`; returns the age of
+    /// the proof obtained (at most `budget`), or `None` if it could not be had in time.
+    async fn prove_fresh(&self, budget: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        let proven = tokio::time::timeout(budget, async {
+            let index = self.read_index().await.ok()?;
+            self.raft
+                .wait(Some(budget))
+                .applied_index_at_least(Some(index), "bounded read proof")
+                .await
+                .ok()
+        })
+        .await;
+        match proven {
+            Ok(Some(_)) if started.elapsed() <= budget => Some(started.elapsed()),
+            _ => None,
+        }
     }
 
     /// A read index for this shard from wherever the leader is; records the freshness it proves.

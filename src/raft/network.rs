@@ -224,6 +224,9 @@ impl Peers {
     /// is an index every write acknowledged before the request was sent is at or below.
     pub async fn read_index(&self, leader: u64, shard: u64) -> Result<u64> {
         let unavailable = |reason: String| Error::Unavailable { shard, reason };
+        if self.is_cut_off(leader) {
+            return Err(unavailable(format!("the link to leader {leader} is cut")));
+        }
         let channel = self
             .channel(leader)
             .ok_or_else(|| unavailable(format!("leader {leader} is not a known peer")))?;
@@ -297,7 +300,9 @@ impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
 
     /// Cheap: clones the node-wide channel to `target` (no connection is made here).
     async fn new_client(&mut self, target: u64, _node: &openraft::BasicNode) -> PeerClient {
-        let client = self.peers.channel(target).map(|channel| {
+        // The channel itself, not `Peers::channel`: a client outlives partitions (openraft makes
+        // one per replication stream), and the cut is checked on every call instead.
+        let client = self.peers.channels.get(&target).cloned().map(|channel| {
             RaftTransportClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)

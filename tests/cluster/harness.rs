@@ -1,7 +1,7 @@
 //! Starts, kills, terminates and restarts real `kvnode` processes on loopback, and talks to
 //! them with the generated gRPC client.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use kvnode::pb::kv::kv_client::KvClient;
 use kvnode::pb::kv::{
-    GetRequest, PutRequest, ReadLevel, ReadOptions, StatusRequest, StatusResponse,
+    GetRequest, GetResponse, PutRequest, ReadLevel, ReadOptions, StatusRequest, StatusResponse,
+    WriteReceipt,
 };
 use kvnode::sharding::HashRing;
 use tonic::transport::Channel;
@@ -31,6 +32,8 @@ pub struct Cluster {
     peers: String,
     nodes: BTreeMap<u64, Proc>,
     ring: HashRing,
+    /// Nodes stopped with SIGSTOP (`pause`) and not yet resumed.
+    paused: BTreeSet<u64>,
 }
 
 fn free_port() -> u16 {
@@ -66,6 +69,7 @@ impl Cluster {
             peers,
             nodes,
             ring: HashRing::with_shards(SHARDS).expect("ring"),
+            paused: BTreeSet::new(),
         };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in &ids {
@@ -304,6 +308,7 @@ impl Cluster {
 
     /// SIGKILL.
     pub fn kill(&mut self, id: u64) {
+        self.paused.remove(&id);
         if let Some(mut child) = self.nodes.get_mut(&id).and_then(|p| p.child.take()) {
             let _ = child.kill();
             let _ = child.wait();
@@ -312,6 +317,9 @@ impl Cluster {
 
     /// SIGTERM, then waits for the exit (up to 20 s).
     pub async fn terminate(&mut self, id: u64) -> ExitStatus {
+        if self.paused.contains(&id) {
+            self.resume(id);
+        }
         let mut child = self
             .nodes
             .get_mut(&id)
@@ -340,6 +348,59 @@ impl Cluster {
     pub async fn restart(&mut self, id: u64) {
         self.spawn(id);
         self.wait_answering(id, Duration::from_secs(30)).await;
+    }
+
+    /// The OS process id of a running node.
+    pub fn pid(&self, id: u64) -> u32 {
+        self.nodes[&id].child.as_ref().expect("running node").id()
+    }
+
+    /// SIGSTOP: the process stays alive (its sockets accept connections) but runs nothing
+    /// until [`Cluster::resume`]. Do not ask a paused node for its status.
+    pub fn pause(&mut self, id: u64) {
+        signal("-STOP", self.pid(id));
+        self.paused.insert(id);
+    }
+
+    /// SIGCONT for a node stopped with [`Cluster::pause`].
+    pub fn resume(&mut self, id: u64) {
+        signal("-CONT", self.pid(id));
+        self.paused.remove(&id);
+    }
+
+    /// A put through `node` that returns the write's receipt.
+    pub async fn put_with_receipt(
+        &self,
+        node: u64,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<WriteReceipt, tonic::Status> {
+        let mut c = self.client(node).await?;
+        let r = c
+            .put(PutRequest {
+                key: key.to_vec(),
+                value: value.to_vec(),
+            })
+            .await?
+            .into_inner();
+        r.receipt
+            .ok_or_else(|| tonic::Status::internal("a put reply without a receipt"))
+    }
+
+    /// A get through `node` with explicit read options; the whole reply (value and receipt).
+    pub async fn get_with(
+        &self,
+        node: u64,
+        key: &[u8],
+        options: ReadOptions,
+    ) -> Result<GetResponse, tonic::Status> {
+        let mut c = self.client(node).await?;
+        c.get(GetRequest {
+            key: key.to_vec(),
+            options: Some(options),
+        })
+        .await
+        .map(|r| r.into_inner())
     }
 
     pub async fn stop_all(&mut self) {
@@ -378,6 +439,13 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             eprintln!("{}", self.all_logs());
         }
+        for id in std::mem::take(&mut self.paused) {
+            if let Some(child) = self.nodes.get(&id).and_then(|p| p.child.as_ref()) {
+                let _ = Command::new("kill")
+                    .args(["-CONT", &child.id().to_string()])
+                    .status();
+            }
+        }
         for p in self.nodes.values_mut() {
             if let Some(mut child) = p.child.take() {
                 let _ = child.kill();
@@ -385,4 +453,13 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Sends `signal` (as `kill` spells it, e.g. `-STOP`) to `pid`.
+fn signal(signal: &str, pid: u32) {
+    let sent = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill {signal} {pid}: {sent:?}");
 }

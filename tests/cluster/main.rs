@@ -3,6 +3,7 @@
 //! the time until writes to that shard succeed again, restart and catch-up, SIGTERM shutdown
 //! (exit 0) and rejoin, and a Python gRPC client talking to a follower.
 
+mod consistency;
 mod harness;
 mod python;
 

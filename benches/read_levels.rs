@@ -1,0 +1,711 @@
+//! Read throughput and latency of each read level on a local 3-node cluster of real `kvnode`
+//! processes: C concurrent callers (closed loop) per row, each level read twice, once through
+//! the Rust client (which sends every read to the key's leader) and once through the generated
+//! gRPC client sent to a follower of the key's shard (the Rust client cannot pick a replica).
+//!
+//! Needs the release binary: `cargo build --release --bin kvnode` first (or
+//! `scripts/read-levels.sh`, which does both). Run with
+//! `cargo bench --bench read_levels -- [--seconds 5] [--concurrency 64] [--shards 16]
+//! [--keys 1000] [--value-bytes 256] [--json PATH] [--kvnode PATH] [--dir PATH]`.
+//!
+//! Columns: `fallback` is the share of replies whose receipt names a level other than the one
+//! asked (a bounded read that could not prove its bound and went linearizable); `other node`
+//! is the share served by a node other than the one the request was sent to (a lease read sent
+//! to a follower is forwarded to the leader); `errors` counts failed reads (not in the
+//! latency columns).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use kvnode::client::Client;
+use kvnode::consistency::{ReadOptions, ServedLevel, SessionToken};
+use kvnode::pb::convert;
+use kvnode::pb::kv::GetRequest;
+use kvnode::pb::kv::kv_client::KvClient;
+use tonic::transport::{Channel, Endpoint};
+
+const NODES: u64 = 3;
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Args {
+    seconds: f64,
+    concurrency: usize,
+    shards: u32,
+    keys: u64,
+    value_bytes: usize,
+    json: Option<PathBuf>,
+    kvnode: Option<PathBuf>,
+    dir: Option<PathBuf>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        seconds: 5.0,
+        concurrency: 64,
+        shards: 16,
+        keys: 1000,
+        value_bytes: 256,
+        json: None,
+        kvnode: None,
+        dir: None,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let (flag, inline) = match argv[i].split_once('=') {
+            Some((f, v)) => (f.to_string(), Some(v.to_string())),
+            None => (argv[i].clone(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| {
+                    i += 1;
+                    argv.get(i).cloned()
+                })
+                .unwrap_or_default()
+        };
+        match flag.as_str() {
+            "--seconds" => a.seconds = value().parse().expect("--seconds"),
+            "--concurrency" => a.concurrency = value().parse().expect("--concurrency"),
+            "--shards" => a.shards = value().parse().expect("--shards"),
+            "--keys" => a.keys = value().parse().expect("--keys"),
+            "--value-bytes" => a.value_bytes = value().parse().expect("--value-bytes"),
+            "--json" => a.json = Some(PathBuf::from(value())),
+            "--kvnode" => a.kvnode = Some(PathBuf::from(value())),
+            "--dir" => a.dir = Some(PathBuf::from(value())),
+            _ => {} // cargo's own flags (--bench)
+        }
+        i += 1;
+    }
+    assert!(a.concurrency > 0, "--concurrency must be positive");
+    assert!(a.keys > 0, "--keys must be positive");
+    a
+}
+
+/// The release `kvnode` binary: `--kvnode`, else `$CARGO_TARGET_DIR/release/kvnode`, else
+/// `target/release/kvnode` in this crate.
+fn kvnode_binary(a: &Args) -> PathBuf {
+    if let Some(p) = &a.kvnode {
+        return p.clone();
+    }
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| manifest.join(d))
+        .unwrap_or_else(|| manifest.join("target"));
+    target.join("release").join("kvnode")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+struct Proc {
+    id: u64,
+    child: Option<Child>,
+    addr: String,
+    log: PathBuf,
+}
+
+/// Three `kvnode` processes. Dropping it stops whatever still runs: SIGTERM and a short wait
+/// normally, SIGKILL at once while panicking (after printing the logs' tails).
+struct Cluster {
+    procs: Vec<Proc>,
+    dir: tempfile::TempDir,
+}
+
+fn sigterm(child: &Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+}
+
+impl Cluster {
+    fn start(bin: &PathBuf, shards: u32, parent: Option<&PathBuf>) -> anyhow::Result<Cluster> {
+        anyhow::ensure!(
+            bin.is_file(),
+            "{} not found: build it first with `cargo build --release --bin kvnode` \
+             (scripts/read-levels.sh does), or pass --kvnode PATH",
+            bin.display()
+        );
+        let dir = match parent {
+            Some(p) => tempfile::tempdir_in(p)?,
+            None => tempfile::tempdir()?,
+        };
+        let procs: Vec<Proc> = (1..=NODES)
+            .map(|id| Proc {
+                id,
+                child: None,
+                addr: format!("127.0.0.1:{}", free_port()),
+                log: dir.path().join(format!("node-{id}.log")),
+            })
+            .collect();
+        let peers = procs
+            .iter()
+            .map(|p| format!("{}={}", p.id, p.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster { procs, dir };
+        for p in &mut cluster.procs {
+            let log = File::create(&p.log)?;
+            let child = Command::new(bin)
+                .args(["--id", &p.id.to_string(), "--peers", &peers])
+                .arg("--data-dir")
+                .arg(cluster.dir.path().join(format!("node-{}", p.id)))
+                .args(["--shards", &shards.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log.try_clone()?))
+                .stderr(Stdio::from(log))
+                .spawn()?;
+            p.child = Some(child);
+        }
+        Ok(cluster)
+    }
+
+    fn seeds(&self) -> Vec<String> {
+        self.procs.iter().map(|p| p.addr.clone()).collect()
+    }
+
+    /// Fails if a node has already exited (a bad flag, a port taken).
+    fn check_running(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.procs {
+            if let Some(child) = &mut p.child
+                && let Some(status) = child.try_wait()?
+            {
+                p.child = None;
+                anyhow::bail!("node {} exited early ({status})", p.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM to every node, then waits for each to exit (SIGKILL after 20 s).
+    async fn stop(&mut self) -> Vec<(u64, Option<ExitStatus>)> {
+        for child in self.procs.iter().filter_map(|p| p.child.as_ref()) {
+            sigterm(child);
+        }
+        let mut exits = Vec::new();
+        for p in &mut self.procs {
+            let Some(mut child) = p.child.take() else {
+                continue;
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let status = loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => break Some(status),
+                    Ok(None) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break None;
+                    }
+                }
+            };
+            exits.push((p.id, status));
+        }
+        exits
+    }
+
+    fn log_tails(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let start = lines.len().saturating_sub(20);
+                format!(
+                    "--- node {} ({}) ---\n{}",
+                    p.id,
+                    p.log.display(),
+                    lines[start..].join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        if panicking {
+            eprintln!("{}", self.log_tails());
+        }
+        for child in self.procs.iter_mut().filter_map(|p| p.child.as_mut()) {
+            if panicking {
+                let _ = child.kill();
+            } else {
+                sigterm(child);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for mut child in self.procs.iter_mut().filter_map(|p| p.child.take()) {
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Per shard: the node reporting itself leader, and the other replicas.
+#[derive(Clone, Debug, Default)]
+struct Placement {
+    leader: BTreeMap<u64, u64>,
+    followers: BTreeMap<u64, Vec<u64>>,
+}
+
+/// The placement, once every shard has a leader that every node knows of; `None` before.
+async fn placement(client: &Client, shards: u32) -> Option<Placement> {
+    let mut views = Vec::new();
+    for id in 1..=NODES {
+        views.push(client.node_status(id).await.ok()?);
+    }
+    let mut p = Placement::default();
+    for shard in 0..u64::from(shards) {
+        let leader = views.iter().find_map(|v| {
+            v.shards
+                .iter()
+                .find(|s| s.shard == shard && s.role == "leader")
+                .map(|_| v.node)
+        })?;
+        let agreed = views.iter().all(|v| {
+            v.shards
+                .iter()
+                .any(|s| s.shard == shard && s.leader == Some(leader))
+        });
+        if !agreed {
+            return None;
+        }
+        let replicas = views[0]
+            .shards
+            .iter()
+            .find(|s| s.shard == shard)?
+            .replicas
+            .clone();
+        let followers: Vec<u64> = replicas.into_iter().filter(|r| *r != leader).collect();
+        if followers.is_empty() {
+            return None;
+        }
+        p.leader.insert(shard, leader);
+        p.followers.insert(shard, followers);
+    }
+    Some(p)
+}
+
+/// True once every node's replica of every shard has applied what its leader has committed.
+async fn caught_up(client: &Client, p: &Placement) -> bool {
+    let mut views = BTreeMap::new();
+    for id in 1..=NODES {
+        match client.node_status(id).await {
+            Ok(v) => views.insert(id, v),
+            Err(_) => return false,
+        };
+    }
+    p.leader.iter().all(|(shard, leader)| {
+        let of = |node: u64| views[&node].shards.iter().find(|s| s.shard == *shard);
+        let Some(target) = of(*leader).map(|s| s.commit_index) else {
+            return false;
+        };
+        (1..=NODES).all(|n| of(n).is_some_and(|s| s.applied_index >= target))
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// The Rust client: the key's leader.
+    Leader,
+    /// The generated gRPC client, sent to a follower of the key's shard.
+    Follower,
+}
+
+struct Plan {
+    keys: Vec<(Vec<u8>, u64)>,
+    placement: Placement,
+    options: ReadOptions,
+    asked: ServedLevel,
+    via: Via,
+    client: Client,
+    grpc: BTreeMap<u64, KvClient<Channel>>,
+    deadline: Instant,
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    fallbacks: u64,
+    other_node: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+struct Row {
+    level: &'static str,
+    via: Via,
+    rate: f64,
+    hist: Histogram<u64>,
+    tally: Tally,
+}
+
+impl Row {
+    fn ms(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    fn share(&self, n: u64) -> f64 {
+        if self.tally.ok == 0 {
+            0.0
+        } else {
+            100.0 * n as f64 / self.tally.ok as f64
+        }
+    }
+
+    fn served_by(&self) -> &'static str {
+        match self.via {
+            Via::Leader => "leader",
+            Via::Follower => "follower",
+        }
+    }
+
+    fn transport(&self) -> &'static str {
+        match self.via {
+            Via::Leader => "Rust client",
+            Via::Follower => "gRPC to a follower",
+        }
+    }
+}
+
+/// One caller: reads random keys until the deadline.
+async fn caller(plan: Arc<Plan>, w: u64) -> (Histogram<u64>, Tally) {
+    let mut hist = Histogram::<u64>::new(3).expect("histogram");
+    let mut tally = Tally::default();
+    let wire = convert::read_options_to_wire(&plan.options);
+    let mut n = w.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while Instant::now() < plan.deadline {
+        n = n
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let (key, shard) = &plan.keys[((n >> 33) % plan.keys.len() as u64) as usize];
+        let t = Instant::now();
+        let (target, served) = match plan.via {
+            Via::Leader => {
+                let target = plan.client.leader_of(*shard);
+                let got = plan
+                    .client
+                    .get(key, &plan.options)
+                    .await
+                    .map(|r| (r.receipt.level, r.receipt.node))
+                    .map_err(|e| e.to_string());
+                (target, got)
+            }
+            Via::Follower => {
+                let followers = &plan.placement.followers[shard];
+                let target = followers[(n >> 20) as usize % followers.len()];
+                let mut c = plan.grpc[&target].clone();
+                let mut request = tonic::Request::new(GetRequest {
+                    key: key.clone(),
+                    options: Some(wire.clone()),
+                });
+                request.set_timeout(Duration::from_secs(5));
+                let got = match c.get(request).await {
+                    Ok(reply) => reply
+                        .into_inner()
+                        .receipt
+                        .ok_or_else(|| "reply without a receipt".to_string())
+                        .and_then(|r| {
+                            convert::read_receipt_from_wire(&r).map_err(|e| e.to_string())
+                        })
+                        .map(|r| (r.level, r.node)),
+                    Err(status) => Err(format!("{}: {}", status.code(), status.message())),
+                };
+                (Some(target), got)
+            }
+        };
+        match served {
+            Ok((level, node)) => {
+                hist.record(t.elapsed().as_micros() as u64).expect("record");
+                tally.ok += 1;
+                tally.fallbacks += u64::from(level != plan.asked);
+                tally.other_node += u64::from(target != Some(node));
+            }
+            Err(e) => {
+                tally.errors += 1;
+                tally.first_error.get_or_insert(e);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    (hist, tally)
+}
+
+async fn run(plan: Plan, level: &'static str, concurrency: usize) -> Row {
+    let via = plan.via;
+    let plan = Arc::new(plan);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency as u64)
+        .map(|w| tokio::spawn(caller(plan.clone(), w)))
+        .collect();
+    let mut hist = Histogram::<u64>::new(3).expect("histogram");
+    let mut tally = Tally::default();
+    for t in tasks {
+        let (h, t) = t.await.expect("caller task");
+        hist.add(h).expect("merge");
+        tally.ok += t.ok;
+        tally.fallbacks += t.fallbacks;
+        tally.other_node += t.other_node;
+        tally.errors += t.errors;
+        if tally.first_error.is_none() {
+            tally.first_error = t.first_error;
+        }
+    }
+    Row {
+        level,
+        via,
+        rate: tally.ok as f64 / started.elapsed().as_secs_f64(),
+        hist,
+        tally,
+    }
+}
+
+async fn wait_until<F, Fut, T>(what: &str, cluster: &mut Cluster, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        cluster.check_running()?;
+        if let Some(v) = probe().await {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}:\n{}",
+            cluster.log_tails()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn preload(client: &Client, a: &Args) -> anyhow::Result<SessionToken> {
+    let value = vec![b'v'; a.value_bytes];
+    let receipts: Vec<_> = futures::stream::iter(0..a.keys)
+        .map(|i| {
+            let value = value.clone();
+            async move {
+                let key = format!("key-{i}").into_bytes();
+                let mut last = None;
+                for _ in 0..20 {
+                    match client.put(&key, value.clone()).await {
+                        Ok(r) => return Ok(r),
+                        Err(e) => last = Some(e),
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(anyhow::anyhow!("preload put of key-{i}: {:?}", last))
+            }
+        })
+        .buffer_unordered(a.concurrency)
+        .collect()
+        .await;
+    let mut token = SessionToken::new();
+    for r in receipts {
+        token.observe_write(&r?);
+    }
+    Ok(token)
+}
+
+fn json(a: &Args, rows: &[Row]) -> String {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"level\":{:?},\"served_by\":{:?},\"transport\":{:?},\"ops_per_sec\":{:.1},\
+                 \"p50_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"reads\":{},\
+                 \"fallback_share\":{:.4},\"other_node_share\":{:.4},\"errors\":{}}}",
+                r.level,
+                r.served_by(),
+                r.transport(),
+                r.rate,
+                r.ms(0.5),
+                r.ms(0.99),
+                r.ms(0.999),
+                r.tally.ok,
+                r.share(r.tally.fallbacks) / 100.0,
+                r.share(r.tally.other_node) / 100.0,
+                r.tally.errors,
+            )
+        })
+        .collect();
+    format!(
+        "{{\"nodes\":{NODES},\"shards\":{},\"concurrency\":{},\"keys\":{},\"value_bytes\":{},\
+         \"seconds\":{},\"cpus\":{},\"rows\":[\n  {}\n]}}\n",
+        a.shards,
+        a.concurrency,
+        a.keys,
+        a.value_bytes,
+        a.seconds,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        items.join(",\n  ")
+    )
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = args();
+    let bin = kvnode_binary(&a);
+    let mut cluster = Cluster::start(&bin, a.shards, a.dir.as_ref())?;
+    let seeds = cluster.seeds();
+    let client = wait_until("a node answers", &mut cluster, || async {
+        Client::connect(seeds.clone()).await.ok()
+    })
+    .await?;
+    let client = &client;
+    wait_until("every shard has a leader", &mut cluster, || async {
+        placement(client, a.shards).await
+    })
+    .await?;
+    let token = preload(client, &a).await?;
+    let mut placement_now = wait_until("followers caught up", &mut cluster, || async {
+        let p = placement(client, a.shards).await?;
+        caught_up(client, &p).await.then_some(p)
+    })
+    .await?;
+
+    let mut grpc = BTreeMap::new();
+    for (id, addr) in client.nodes() {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        grpc.insert(id, KvClient::new(channel));
+    }
+    let keys: Vec<(Vec<u8>, u64)> = (0..a.keys)
+        .map(|i| {
+            let key = format!("key-{i}").into_bytes();
+            let shard = client.shard_for(&key);
+            (key, shard)
+        })
+        .collect();
+    let mut led = BTreeMap::<u64, usize>::new();
+    for l in placement_now.leader.values() {
+        *led.entry(*l).or_default() += 1;
+    }
+    println!(
+        "3-node local cluster (binary {}), {} shards (leaders per node: {}), {} in flight, \
+         {} keys, {}-byte values, {} s per row, {} CPUs for the nodes and the load generator",
+        bin.display(),
+        a.shards,
+        led.iter()
+            .map(|(n, c)| format!("n{n}={c}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        a.concurrency,
+        a.keys,
+        a.value_bytes,
+        a.seconds,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    println!(
+        "{:<13} {:<9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>10} {:>7}",
+        "level",
+        "served-by",
+        "ops/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "fallback",
+        "other node",
+        "errors"
+    );
+    let levels: [(&str, ReadOptions, ServedLevel); 5] = [
+        (
+            "linearizable",
+            ReadOptions::linearizable(),
+            ServedLevel::Linearizable,
+        ),
+        ("lease", ReadOptions::lease(), ServedLevel::Lease),
+        (
+            "session",
+            ReadOptions::session(&token),
+            ServedLevel::Session,
+        ),
+        (
+            "bounded:500ms",
+            ReadOptions::bounded(Duration::from_millis(500)),
+            ServedLevel::Bounded,
+        ),
+        ("eventual", ReadOptions::eventual(), ServedLevel::Eventual),
+    ];
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    for (level, options, asked) in levels {
+        for via in [Via::Leader, Via::Follower] {
+            // Leadership may have moved since the last row: route by the current placement.
+            if let Some(p) = placement(client, a.shards).await {
+                placement_now = p;
+            }
+            let plan = Plan {
+                keys: keys.clone(),
+                placement: placement_now.clone(),
+                options: options.clone(),
+                asked,
+                via,
+                client: client.clone(),
+                grpc: grpc.clone(),
+                deadline: Instant::now() + Duration::from_secs_f64(a.seconds),
+            };
+            let row = run(plan, level, a.concurrency).await;
+            println!(
+                "{:<13} {:<9} {:>9.0} {:>8.2} {:>8.2} {:>9.2} {:>8.1}% {:>9.1}% {:>7}",
+                row.level,
+                row.served_by(),
+                row.rate,
+                row.ms(0.5),
+                row.ms(0.99),
+                row.ms(0.999),
+                row.share(row.tally.fallbacks),
+                row.share(row.tally.other_node),
+                row.tally.errors
+            );
+            if let Some(e) = &row.tally.first_error {
+                errors.push(format!("{level} via {}: {e}", row.transport()));
+            }
+            rows.push(row);
+        }
+    }
+    println!(
+        "(leader rows: the Rust client, which sends every read to the key's leader; follower \
+         rows: the generated gRPC client sent to a follower of the key's shard, spread over both \
+         followers. fallback = receipts naming another level than the one asked; other node = \
+         replies served by a node other than the one the request was sent to, i.e. forwarded)"
+    );
+    for e in &errors {
+        println!("first error, {e}");
+    }
+    if let Some(path) = &a.json {
+        std::fs::write(path, json(&a, &rows))?;
+        println!("JSON written to {}", path.display());
+    }
+    drop(grpc);
+    for (id, status) in cluster.stop().await {
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => eprintln!("node {id} exited with {s} after SIGTERM"),
+            None => eprintln!("node {id} ignored SIGTERM for 20 s and was killed"),
+        }
+    }
+    Ok(())
+}
