@@ -107,6 +107,7 @@ pub mod cluster;
 pub mod config;
 pub mod consistency;
 pub mod error;
+pub mod jepsen;
 pub mod node;
 pub mod pb;
 pub mod raft;
@@ -117,6 +118,8 @@ pub mod server;
 pub mod shard;
 pub mod sharding;
 pub mod storage;
+#[doc(hidden)]
+pub mod testing;
 
 pub use config::Config;
 pub use consistency::{ReadLevel, ReadOptions, ReadReceipt, SessionToken, WriteReceipt};

@@ -14,19 +14,15 @@
 //!
 //! Run with `RUST_LOG=kvnode=info,openraft=warn` to see elections.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio::time::sleep;
 
 use kvnode::consistency::{Fallback, ServedLevel, Staleness};
-use kvnode::raft::network::Peers;
+use kvnode::testing::LocalCluster;
 use kvnode::{Config, Error, GetReply, Node, ReadLevel, ReadOptions, SessionToken, WriteReceipt};
 
 const CLUSTER: &str = "consistency-test";
@@ -39,85 +35,38 @@ const ELECTION_MAX_MS: u64 = 800;
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Polls `check` every 20 ms until it returns Some, or panics after `secs` seconds.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+async fn eventually<T, F, Fut>(secs: u64, what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(20)).await;
-    }
+    kvnode::testing::eventually(Duration::from_secs(secs), what, check).await
 }
 
-/// A node serving the client API and the peer transport.
-struct Running {
-    node: Arc<Node>,
-    stop: oneshot::Sender<()>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
-}
-
-/// Three nodes, ids 1..=3, each on its own 127.0.0.1 port.
+/// Three nodes, ids 1..=3, each on its own 127.0.0.1 port (the shared in-process harness).
 struct Cluster {
     _dir: tempfile::TempDir,
-    nodes: Vec<Running>,
+    local: LocalCluster,
 }
 
-fn config(dir: &std::path::Path, id: u64, peers: &BTreeMap<u64, String>) -> Config {
-    Config {
-        data_dir: dir.join(format!("node{id}")),
-        node_id: id,
-        cluster_id: CLUSTER.to_string(),
-        peers: peers.clone(),
-        replication_factor: 3,
-        shards: 1,
-        heartbeat_interval_ms: HEARTBEAT_MS,
-        election_timeout_min_ms: ELECTION_MIN_MS,
-        election_timeout_max_ms: ELECTION_MAX_MS,
-        request_timeout_ms: REQUEST_TIMEOUT.as_millis() as u64,
-        wal_segment_bytes: 4 * 1024 * 1024,
-        sled_cache_bytes: 4 * 1024 * 1024,
-        ..Config::default()
-    }
+fn configure(config: &mut Config) {
+    config.cluster_id = CLUSTER.to_string();
+    config.shards = 1;
+    config.heartbeat_interval_ms = HEARTBEAT_MS;
+    config.election_timeout_min_ms = ELECTION_MIN_MS;
+    config.election_timeout_max_ms = ELECTION_MAX_MS;
+    config.request_timeout_ms = REQUEST_TIMEOUT.as_millis() as u64;
 }
 
 impl Cluster {
     async fn start() -> Cluster {
-        // Quiet unless RUST_LOG asks, e.g. RUST_LOG=kvnode=info,openraft=warn.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
         let dir = tempfile::tempdir().unwrap();
-        let mut listeners = Vec::new();
-        let mut peers = BTreeMap::new();
-        for id in 1..=3u64 {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            peers.insert(id, listener.local_addr().unwrap().to_string());
-            listeners.push(listener);
-        }
-        let mut nodes = Vec::new();
-        for (id, listener) in (1..=3u64).zip(listeners) {
-            let node = Arc::new(Node::open(config(dir.path(), id, &peers)).await.unwrap());
-            let (stop, stopped) = oneshot::channel::<()>();
-            let server = tokio::spawn(kvnode::server::serve(Arc::clone(&node), listener, async {
-                let _ = stopped.await;
-            }));
-            nodes.push(Running { node, stop, server });
-        }
-        Cluster { _dir: dir, nodes }
+        let local = LocalCluster::start(dir.path(), 3, configure).await;
+        Cluster { _dir: dir, local }
     }
 
     fn node(&self, id: u64) -> &Arc<Node> {
-        &self.nodes[id as usize - 1].node
-    }
-
-    fn peers(&self, id: u64) -> &Arc<Peers> {
-        self.node(id).peers().expect("clustered nodes have peers")
+        self.local.node(id)
     }
 
     fn role(&self, id: u64, shard: u64) -> &'static str {
@@ -144,17 +93,11 @@ impl Cluster {
 
     /// Symmetric partition: `isolated` on one side, the two others on the other.
     fn partition(&self, isolated: u64) {
-        let others: Vec<u64> = (1..=3).filter(|id| *id != isolated).collect();
-        self.peers(isolated).cut_off(others.iter().copied());
-        for id in others {
-            self.peers(id).cut_off([isolated]);
-        }
+        self.local.partition(isolated);
     }
 
     fn heal(&self) {
-        for id in 1..=3 {
-            self.peers(id).heal();
-        }
+        self.local.heal();
     }
 
     /// Writes `value` to `key` through one of `among` (whichever leads, retrying across leader
@@ -174,30 +117,7 @@ impl Cluster {
 
     /// Stops every server and closes every node (tasks holding a node must be done).
     async fn close(self) {
-        for running in self.nodes {
-            let _ = running.stop.send(());
-            let mut server = running.server;
-            if tokio::time::timeout(Duration::from_secs(5), &mut server)
-                .await
-                .is_err()
-            {
-                server.abort();
-                let _ = server.await;
-            }
-            let mut node = running.node;
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match Arc::try_unwrap(node) {
-                    Ok(node) => {
-                        node.close().await;
-                        break;
-                    }
-                    Err(shared) => node = shared,
-                }
-                assert!(Instant::now() < deadline, "a node is still shared");
-                sleep(Duration::from_millis(10)).await;
-            }
-        }
+        self.local.close().await
     }
 }
 

@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,172 +15,71 @@ use openraft::metrics::RaftMetrics;
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::VoteRequest;
 use openraft::{RaftNetworkV2, ServerState};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tokio::time::{Instant, sleep};
 use tonic::Code;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use kvnode::pb::raft::raft_transport_client::RaftTransportClient;
 use kvnode::pb::raft::{PeerHeader, RaftRequest, SnapshotChunk};
 use kvnode::raft::network::{Peers, ShardNetwork};
 use kvnode::raft::{SnapshotMeta, TypeConfig, Vote};
-use kvnode::server::raft::raft_service;
 use kvnode::storage::SnapshotWriter;
 use kvnode::storage::codec::encode_serde;
+use kvnode::testing::LocalCluster;
 use kvnode::{Config, Error, Node, ReadOptions};
 
 const SHARDS: u64 = 4;
 const CLUSTER: &str = "transport-test";
 
 /// Polls `check` every 20 ms until it returns Some, or panics after `secs` seconds.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+async fn eventually<T, F, Fut>(secs: u64, what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(20)).await;
-    }
+    kvnode::testing::eventually(Duration::from_secs(secs), what, check).await
 }
 
-/// A node serving the peer transport.
-struct Running {
-    node: Arc<Node>,
-    stop: oneshot::Sender<()>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
-}
-
-/// Three nodes (ids 1..=3) on fixed local ports; a slot is None while its node is stopped.
+/// Three nodes (ids 1..=3) on fixed local ports, from the shared in-process harness.
 struct Cluster {
     _dir: tempfile::TempDir,
-    configs: Vec<Config>,
-    nodes: Vec<Option<Running>>,
+    local: LocalCluster,
 }
 
-fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, String>) -> Config {
-    Config {
-        data_dir: dir.join(format!("node{id}")),
-        node_id: id,
-        cluster_id: CLUSTER.to_string(),
-        peers: peers.clone(),
-        replication_factor: 3,
-        shards: SHARDS as u32,
-        heartbeat_interval_ms: 100,
-        election_timeout_min_ms: 400,
-        election_timeout_max_ms: 800,
-        snapshot_every_entries: 20,
-        request_timeout_ms: 3000,
-        wal_segment_bytes: 4 * 1024 * 1024,
-        sled_cache_bytes: 4 * 1024 * 1024,
-        ..Config::default()
-    }
-}
-
-async fn serve(config: &Config, listener: TcpListener) -> Running {
-    let node = Arc::new(Node::open(config.clone()).await.unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tokio::spawn(
-        Server::builder()
-            .add_service(raft_service(Arc::clone(&node)))
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            }),
-    );
-    Running { node, stop, server }
+fn configure(config: &mut Config) {
+    config.cluster_id = CLUSTER.to_string();
+    config.shards = SHARDS as u32;
+    config.snapshot_every_entries = 20;
+    config.request_timeout_ms = 3000;
 }
 
 impl Cluster {
     async fn start() -> Cluster {
-        // Quiet unless RUST_LOG asks, e.g. RUST_LOG=kvnode=info,openraft=warn.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
         let dir = tempfile::tempdir().unwrap();
-        let mut listeners = Vec::new();
-        let mut peers = BTreeMap::new();
-        for id in 1..=3u64 {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            peers.insert(id, listener.local_addr().unwrap().to_string());
-            listeners.push(listener);
-        }
-        let configs: Vec<Config> = (1..=3).map(|id| config(dir.path(), id, &peers)).collect();
-        let mut nodes = Vec::new();
-        for (config, listener) in configs.iter().zip(listeners) {
-            nodes.push(Some(serve(config, listener).await));
-        }
-        Cluster {
-            _dir: dir,
-            configs,
-            nodes,
-        }
+        let local = LocalCluster::start(dir.path(), 3, configure).await;
+        Cluster { _dir: dir, local }
     }
 
     fn node(&self, id: u64) -> &Arc<Node> {
-        &self.nodes[id as usize - 1]
-            .as_ref()
-            .expect("node is running")
-            .node
+        self.local.node(id)
     }
 
     fn running(&self) -> impl Iterator<Item = &Arc<Node>> {
-        self.nodes.iter().flatten().map(|r| &r.node)
+        self.local.running()
     }
 
     fn addr(&self, id: u64) -> SocketAddr {
-        self.configs[0].peers[&id].parse().unwrap()
+        self.local.addr(id)
     }
 
-    /// Shuts node `id`'s server down and closes the node (its data stays).
     async fn stop(&mut self, id: u64) {
-        let running = self.nodes[id as usize - 1].take().expect("node is running");
-        let _ = running.stop.send(());
-        let mut server = running.server;
-        if tokio::time::timeout(Duration::from_secs(5), &mut server)
-            .await
-            .is_err()
-        {
-            server.abort();
-            let _ = server.await;
-        }
-        let mut node = running.node;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match Arc::try_unwrap(node) {
-                Ok(node) => return node.close().await,
-                Err(shared) => node = shared,
-            }
-            assert!(Instant::now() < deadline, "node {id} is still shared");
-            sleep(Duration::from_millis(10)).await;
-        }
+        self.local.stop(id).await
     }
 
-    /// Reopens node `id` from its data directory, serving on its old port.
     async fn restart(&mut self, id: u64) {
-        let addr = self.addr(id);
-        let listener = eventually(10, "the node's port to be free again", || async move {
-            TcpListener::bind(addr).await.ok()
-        })
-        .await;
-        let config = self.configs[id as usize - 1].clone();
-        self.nodes[id as usize - 1] = Some(serve(&config, listener).await);
+        self.local.restart(id).await
     }
 
-    async fn close(mut self) {
-        for id in 1..=3 {
-            if self.nodes[id as usize - 1].is_some() {
-                self.stop(id).await;
-            }
-        }
+    async fn close(self) {
+        self.local.close().await
     }
 
     /// Waits until every shard has a leader that every running replica acknowledges; returns
@@ -436,8 +334,7 @@ async fn messages_from_strangers_garbage_and_damaged_snapshots_are_refused() {
     );
     // A node of another cluster going through kvnode's own client: openraft sees Unreachable
     // (it backs off), and the receiver's term is unchanged.
-    let intruder_dir = tempfile::tempdir().unwrap();
-    let mut intruder = config(intruder_dir.path(), 1, &cluster.configs[0].peers);
+    let mut intruder = cluster.local.config(1).clone();
     intruder.cluster_id = "intruders".to_string();
     let mut network = ShardNetwork::new(Peers::new(&intruder).unwrap(), SHARD);
     let mut peer = network
