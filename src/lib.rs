@@ -92,12 +92,15 @@
 //! | [`cluster`] | shard → replica set: rendezvous placement (pure, property-tested) |
 //! | [`consistency`] | read levels, receipts, session tokens |
 //! | [`shard`] | one local replica: Raft group, write path, per-level read paths |
+//! | [`read_index`] | coalesced read-index rounds and the freshness proofs bounded reads use |
 //! | [`router`] | key → shard → local replica |
 //! | [`node`] | composition root and the key-value API: [`Node`] |
 //! | [`reply`] | what the API returns |
 //! | [`pb`] | generated gRPC code and the wire ↔ domain conversions |
 //! | [`server`] | tonic services: client API with forwarding ([`server::kv`]), peer transport ([`server::raft`]), the error mapping ([`server::status`]) |
 //! | [`client`] | the Rust client: shard- and leader-aware, retries only what is safe |
+//! | [`jepsen`] | fault-testing: the recorded history format and its checkers (the harness follows) |
+//! | `testing` (hidden) | an in-process cluster over real sockets with test partitions |
 //! | `bin/kvnode`, `bin/kvctl` | flags → [`Config`] → [`Node`] → serve; the CLI over [`client::Client`] |
 
 #![deny(missing_docs)]
