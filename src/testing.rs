@@ -1,6 +1,7 @@
 //! Test support (doc-hidden): an in-process cluster of N nodes, each serving the client API and
 //! the peer transport on its own 127.0.0.1 port, with stop/restart on the same port and test
-//! partitions; and [`eventually`], the polling helper every cluster test needs.
+//! partitions; [`eventually`], the polling helper every cluster test needs; and [`Rng`], the
+//! seeded generator that makes randomized tests replayable from a printed seed.
 //!
 //! These helpers panic on failure, as test code does; nothing in the product calls them.
 
@@ -204,4 +205,35 @@ async fn serve(config: &Config, listener: TcpListener) -> Running {
         let _ = stopped.await;
     }));
     Running { node, stop, server }
+}
+
+/// A small seeded generator (xorshift64, seeded through splitmix64, never zero): randomized
+/// tests print their seed and replay from it.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed`.
+    pub fn new(seed: u64) -> Rng {
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        Rng(z.max(1))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// Uniform in `lo..=hi` (modulo bias is irrelevant for tests).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
 }

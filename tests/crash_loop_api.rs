@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kvnode::testing::Rng;
 use kvnode::{Config, Node, ReadOptions, VersionedValue};
 
 /// Shards of the node.
@@ -63,33 +64,6 @@ const MARK: &str = "APICRASH";
 // ---------------------------------------------------------------------------------------------
 // Shared by parent and child
 // ---------------------------------------------------------------------------------------------
-
-/// xorshift64, seeded through splitmix64 (never zero).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        Rng(z.max(1))
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    /// Uniform in `lo..=hi` (modulo bias is irrelevant here).
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-}
 
 /// The node's configuration: small snapshot interval, so snapshots and WAL purges are frequent.
 fn config(data: &Path) -> Config {
