@@ -4,6 +4,7 @@
 //! flags or a TOML file) and hand it over. Every field's doc says what it costs.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -24,6 +25,11 @@ pub struct Config {
     /// Every node of the cluster, this one included: node id → `host:port` of its gRPC
     /// endpoint (client API and peer transport). Empty for an embedded single node.
     pub peers: BTreeMap<u64, String>,
+    /// The local IP that connections to peers are sent from; `None` (the default) lets the OS
+    /// choose. The fault-test harness sets it to the node's own loopback alias so that
+    /// per-pair packet filters can tell nodes apart (otherwise every node sends from
+    /// 127.0.0.1). Must be a specific address, not `0.0.0.0` or `::`.
+    pub peer_source_ip: Option<IpAddr>,
     /// How many nodes hold a replica of each shard (capped by the node count). 3 survives one
     /// node failure; 5 survives two at the cost of more writes and heartbeats. Default 3.
     pub replication_factor: usize,
@@ -70,6 +76,7 @@ impl Default for Config {
             node_id: 1,
             cluster_id: "kvnode".to_string(),
             peers: BTreeMap::new(),
+            peer_source_ip: None,
             replication_factor: 3,
             shards: 16,
             max_key_bytes: 4 * 1024,
@@ -160,6 +167,14 @@ impl Config {
             if !valid {
                 return bad("peers", format!("node {id}: {addr:?} is not host:port"));
             }
+        }
+        if let Some(ip) = self.peer_source_ip
+            && ip.is_unspecified()
+        {
+            return bad(
+                "peer_source_ip",
+                format!("{ip} is unspecified: give a local address, or leave it unset"),
+            );
         }
         if self.replication_factor == 0 || self.replication_factor > 7 {
             return bad(
@@ -260,6 +275,21 @@ mod tests {
     }
 
     #[test]
+    fn a_specific_peer_source_ip_is_valid_and_survives_serde() {
+        let config = Config {
+            peer_source_ip: Some(IpAddr::from([127, 0, 0, 12])),
+            ..Config::default()
+        };
+        config.validate().unwrap();
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(json.contains("\"peer_source_ip\":\"127.0.0.12\""), "{json}");
+        let back: Config = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, config);
+        let unset: Config = serde_json::from_str("{}").unwrap();
+        assert_eq!(unset.peer_source_ip, None);
+    }
+
+    #[test]
     fn every_bad_field_is_named() {
         type Breakage = Box<dyn Fn(&mut Config)>;
         let cases: Vec<(&str, Breakage)> = vec![
@@ -276,6 +306,14 @@ mod tests {
             (
                 "peers",
                 Box::new(|c| c.peers = [(1, "localhost".into())].into()),
+            ),
+            (
+                "peer_source_ip",
+                Box::new(|c| c.peer_source_ip = Some(IpAddr::from([0, 0, 0, 0]))),
+            ),
+            (
+                "peer_source_ip",
+                Box::new(|c| c.peer_source_ip = Some(std::net::Ipv6Addr::UNSPECIFIED.into())),
             ),
             ("replication_factor", Box::new(|c| c.replication_factor = 0)),
             ("shards", Box::new(|c| c.shards = 0)),

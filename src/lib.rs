@@ -100,6 +100,7 @@
 //! | [`server`] | tonic services: client API with forwarding ([`server::kv`]), peer transport ([`server::raft`]), the error mapping ([`server::status`]) |
 //! | [`client`] | the Rust client: shard- and leader-aware, retries only what is safe |
 //! | [`jepsen`] | fault-testing: the recorded history format and its checkers (the harness follows) |
+//! | `planted` (hidden; `planted-bugs` feature, test builds only) | the `KVNODE_PLANTED_BUG` switch that makes [`shard`] commit a known consistency bug, so the Jepsen checkers can be shown to catch it |
 //! | `testing` (hidden) | an in-process cluster over real sockets with test partitions |
 //! | `bin/kvnode`, `bin/kvctl` | flags → [`Config`] → [`Node`] → serve; the CLI over [`client::Client`] |
 
@@ -113,6 +114,9 @@ pub mod error;
 pub mod jepsen;
 pub mod node;
 pub mod pb;
+#[cfg(feature = "planted-bugs")]
+#[doc(hidden)]
+pub mod planted;
 pub mod raft;
 pub mod read_index;
 pub mod reply;

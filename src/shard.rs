@@ -15,6 +15,9 @@
 //!   lease; otherwise the request's fallback applies: a linearizable read, or (fail-if-stale)
 //!   one proof round that must complete within the bound;
 //! - **eventual**: local state, no checks; the receipt bounds the staleness when a proof exists.
+//!
+//! Test builds only (the `planted-bugs` feature): `planted_read` and `planted_write`, fenced at
+//! the bottom of this file, break these paths on purpose when `crate::planted` names a bug.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -119,6 +122,9 @@ impl Shard {
         N: RaftNetworkFactory<TypeConfig>,
         N::Network: NetSnapshot<TypeConfig, SnapshotData = SnapshotFile>,
     {
+        // Test builds: read the planted-bug switch now, so a bad value fails at startup.
+        #[cfg(feature = "planted-bugs")]
+        crate::planted::active();
         let log = LogStore::new(store.wal().clone(), id);
         let purged = log.last_purged().map_err(|e| io_to_error(id, e))?;
         let sm = StateMachine::open(store, id, purged.as_ref()).map_err(|e| io_to_error(id, e))?;
@@ -226,28 +232,37 @@ impl Shard {
     /// Proposes `command` and waits until it is committed and applied. Returns its result and
     /// log index.
     pub async fn write(&self, command: Command) -> Result<(CommandResult, u64)> {
+        #[cfg(feature = "planted-bugs")]
+        if let Some(planted) = self.planted_write(&command).await {
+            return planted;
+        }
         let written = tokio::time::timeout(self.timeout, self.raft.client_write(command)).await;
         match written {
             Err(_) => Err(self.timeout_error("write", true)),
             Ok(Ok(reply)) => Ok((reply.data, reply.log_id.index())),
-            Ok(Err(RaftError::APIError(e))) => Err(match e {
-                ClientWriteError::ForwardToLeader(f) => Error::NotLeader {
-                    shard: self.id,
-                    leader_hint: f.leader_id,
-                },
-                ClientWriteError::LogEntryDiscarded(f) => Error::LeaderChanged {
-                    shard: self.id,
-                    leader_hint: f.leader_id,
-                },
-                other => Error::Unavailable {
-                    shard: self.id,
-                    reason: other.to_string(),
-                },
-            }),
-            Ok(Err(RaftError::Fatal(f))) => Err(Error::ShardStopped {
+            Ok(Err(e)) => Err(self.write_error(e)),
+        }
+    }
+
+    /// Maps a failed `client_write` to the public error.
+    fn write_error(&self, e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Error {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Error::NotLeader {
+                shard: self.id,
+                leader_hint: f.leader_id,
+            },
+            RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => Error::LeaderChanged {
+                shard: self.id,
+                leader_hint: f.leader_id,
+            },
+            RaftError::APIError(other) => Error::Unavailable {
+                shard: self.id,
+                reason: other.to_string(),
+            },
+            RaftError::Fatal(f) => Error::ShardStopped {
                 shard: self.id,
                 reason: f.to_string(),
-            }),
+            },
         }
     }
 
@@ -257,6 +272,10 @@ impl Shard {
         key: &[u8],
         level: &ReadLevel,
     ) -> Result<(Option<VersionedValue>, ReadReceipt)> {
+        #[cfg(feature = "planted-bugs")]
+        if let Some(planted) = self.planted_read(key, level) {
+            return planted;
+        }
         match level {
             ReadLevel::Linearizable => self.linearizable(key).await,
             ReadLevel::Lease => {
@@ -542,6 +561,90 @@ impl Shard {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(shard = self.id, error = %e, "shard did not shut down cleanly");
         }
+    }
+}
+
+// ---- Planted bugs (test builds only: the `planted-bugs` feature) --------------------------
+// Each hook returns None unless `crate::planted::active()` names its bug and its condition
+// holds; then the normal path above is skipped. Without the feature none of this is compiled.
+#[cfg(feature = "planted-bugs")]
+impl Shard {
+    /// How long the `ack-uncommitted` bug lets a write try to commit before acknowledging it.
+    const PLANTED_ACK_AFTER: Duration = Duration::from_millis(50);
+
+    /// Whether this replica believes it leads the shard (openraft's metrics, no round trip).
+    fn planted_believes_leader(&self) -> bool {
+        self.raft.metrics().borrow_watched().current_leader == Some(self.node_id)
+    }
+
+    /// `follower-local-read`: a linearizable read on a non-leader serves local state at once.
+    /// `leader-no-confirm`: a linearizable or lease read on a replica that believes it leads
+    /// serves local state with no quorum round and no lease check.
+    fn planted_read(
+        &self,
+        key: &[u8],
+        level: &ReadLevel,
+    ) -> Option<Result<(Option<VersionedValue>, ReadReceipt)>> {
+        use crate::planted::Bug;
+        let served = match (crate::planted::active()?, level) {
+            (Bug::FollowerLocalRead, ReadLevel::Linearizable)
+                if !self.planted_believes_leader() =>
+            {
+                ServedLevel::Linearizable
+            }
+            (Bug::LeaderNoConfirm, ReadLevel::Linearizable) if self.planted_believes_leader() => {
+                ServedLevel::Linearizable
+            }
+            (Bug::LeaderNoConfirm, ReadLevel::Lease) if self.planted_believes_leader() => {
+                ServedLevel::Lease
+            }
+            _ => return None,
+        };
+        Some(self.local(key, served, Staleness::Zero))
+    }
+
+    /// `ack-uncommitted`: on a replica that believes it leads, proposes `command` in the
+    /// background and, if it has not committed within [`Self::PLANTED_ACK_AFTER`], acknowledges
+    /// it anyway with the result it would have had (a CAS pretends it applied) and a guessed
+    /// index. A write that finishes in time returns its real outcome; a non-leader takes the
+    /// normal path (and answers `NotLeader`, so forwarding still works).
+    async fn planted_write(&self, command: &Command) -> Option<Result<(CommandResult, u64)>> {
+        if crate::planted::active()? != crate::planted::Bug::AckUncommitted
+            || !self.planted_believes_leader()
+        {
+            return None;
+        }
+        let last_log_index = self.raft.metrics().borrow_watched().last_log_index;
+        let raft = self.raft.clone();
+        let timeout = self.timeout;
+        let proposed = command.clone();
+        let mut write = tokio::spawn(async move {
+            tokio::time::timeout(timeout, raft.client_write(proposed)).await
+        });
+        Some(
+            match tokio::time::timeout(Self::PLANTED_ACK_AFTER, &mut write).await {
+                Ok(Ok(Ok(Ok(reply)))) => Ok((reply.data, reply.log_id.index())),
+                Ok(Ok(Ok(Err(e)))) => Err(self.write_error(e)),
+                Ok(Ok(Err(_))) => Err(self.timeout_error("write", true)),
+                Ok(Err(join)) => Err(Error::ShardStopped {
+                    shard: self.id,
+                    reason: format!("planted write task failed: {join}"),
+                }),
+                // Not committed yet: acknowledge it anyway (the task keeps proposing).
+                Err(_) => {
+                    let result = match command {
+                        Command::Put { .. } => CommandResult::Put,
+                        Command::Delete { key } => CommandResult::Delete {
+                            existed: matches!(self.reader.get(key), Ok(Some(_))),
+                        },
+                        Command::CompareAndSet { .. } => CommandResult::CasApplied,
+                    };
+                    let index = last_log_index.map_or(1, |i| i + 1);
+                    tracing::debug!(shard = self.id, %command, index, "planted: acked uncommitted");
+                    Ok((result, index))
+                }
+            },
+        )
     }
 }
 

@@ -50,6 +50,11 @@ struct Args {
     /// Request timeout in milliseconds.
     #[arg(long, default_value_t = Config::default().request_timeout_ms)]
     request_timeout_ms: u64,
+    /// Local IP to send peer connections from (default: the OS chooses). The fault-test
+    /// harness sets it to this node's loopback alias so per-pair packet filters can tell
+    /// nodes apart.
+    #[arg(long, value_name = "IP")]
+    peer_source_ip: Option<std::net::IpAddr>,
 }
 
 fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
@@ -106,6 +111,7 @@ fn config(args: &Args) -> Config {
         node_id: args.id,
         cluster_id: args.cluster_id.clone(),
         peers,
+        peer_source_ip: args.peer_source_ip,
         replication_factor: args.replication_factor,
         shards: args.shards,
         heartbeat_interval_ms: args.heartbeat_ms,

@@ -1,14 +1,30 @@
-//! Jepsen-style fault testing of a `kvnode` cluster (`../shared/design/jepsen.md`): this module
-//! owns the history format that clients and the nemesis write ([`history`]) and the checkers
-//! that judge a history: [`linearizability`] (memoized WGL, per key) for the linearizable read
-//! levels, [`levels`] for split brain, bounded staleness, eventual validity and convergence,
-//! and session guarantees, and [`set`] for lost or unexpected writes. The process manager, the
-//! workloads and the nemesis build on these.
+//! Jepsen-style fault testing of a `kvnode` cluster (`../shared/design/jepsen.md`), runnable by
+//! anyone against their own build with `kvctl jepsen run` (or `scripts/jepsen.sh`).
+//!
+//! A run ([`run`]) starts real `kvnode` processes ([`processes`]) on their own addresses, with
+//! links that can be cut ([`net`]: per-pair `iptables` drops in a private network namespace,
+//! or a fault-injecting TCP proxy where that is not allowed). Client workers ([`workload`])
+//! record every operation in a history ([`recorder`], format in [`history`]) while the
+//! nemesis ([`nemesis`]) runs a seeded schedule of partitions, kills and pauses, asking the
+//! nodes ([`probe`]) which one leads what. After a heal and the final reads, every checker
+//! runs over the history ([`verdict`]): per-key linearizability ([`linearizability`],
+//! memoized WGL), the per-level checks ([`levels`]: split brain, bounded staleness, eventual
+//! validity and convergence, session) and lost writes ([`set`]); the report comes with a
+//! timeline picture ([`timeline`]). A saved run can be re-checked offline.
 
 pub mod history;
 pub mod levels;
 pub mod linearizability;
+pub mod nemesis;
+pub mod net;
+pub mod probe;
+pub mod processes;
+pub mod recorder;
+pub mod run;
 pub mod set;
+pub mod timeline;
+pub mod verdict;
+pub mod workload;
 
 pub use history::{
     Event, F, History, HistoryError, Input, Level, LevelKind, NemesisEvent, Op, OpResult, OpType,

@@ -154,7 +154,10 @@ impl Peers {
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5))
-                .keep_alive_while_idle(true);
+                .keep_alive_while_idle(true)
+                // Send from the configured source IP, so per-pair packet filters (the fault
+                // harness) can tell this node's traffic from other nodes' on loopback.
+                .local_address(config.peer_source_ip);
             channels.insert(*id, endpoint.connect_lazy());
         }
         Ok(Arc::new(Peers {

@@ -2,7 +2,9 @@
 //!
 //! Prints values and receipts on stdout; on failure prints the error and whether its outcome
 //! is definite (nothing happened) or indeterminate (a write may have committed) on stderr and
-//! exits with 1. Usage errors exit with 2.
+//! exits with 1. Usage errors exit with 2. `kvctl jepsen` (in `jepsen.rs`) runs fault tests.
+
+mod jepsen;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -73,6 +75,10 @@ enum Command {
     /// Show the cluster: one row per shard with its replicas, leader, term and every node's
     /// commit/applied index. Nodes that do not answer show as `down`.
     Status,
+    /// Jepsen-style fault testing: run a campaign against real kvnode processes, or re-check
+    /// a saved run.
+    #[command(subcommand)]
+    Jepsen(jepsen::JepsenCommand),
 }
 
 #[derive(Debug, Args)]
@@ -157,6 +163,9 @@ fn usage_error(message: &str) -> ! {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Jepsen(command) = cli.command {
+        return jepsen::main(command);
+    }
     let read_options = match &cli.command {
         Command::Get {
             level,
@@ -283,6 +292,7 @@ async fn run(cli: Cli, read_options: Option<ReadOptions>) -> anyhow::Result<()> 
             println!("{}", write_receipt(&c.receipt));
         }
         Command::Status => status(&client).await?,
+        Command::Jepsen(_) => unreachable!("handled in main"),
     }
     Ok(())
 }
