@@ -1,7 +1,8 @@
 //! Proof that the fault-test suite can fail: `kvctl jepsen run` against real `kvnode`
 //! processes with each planted bug switched on (the `planted-bugs` feature, which `cargo
 //! test` builds in; release builds never have it) must report the violation the bug causes,
-//! and the same campaign with no bug planted must pass.
+//! and the same campaign with no bug planted must pass. Re-checking each saved run offline
+//! (`kvctl jepsen check`) gives the same verdicts.
 //!
 //! Each run: 3 nodes, 8 shards, 30 s of partitions that cut one node off (`one`,
 //! `primaries`, `majority`: with 3 nodes the minority is one node), a fault held ~4 s. Runs
@@ -61,69 +62,93 @@ fn failed(report: &str, check: &str) -> bool {
     verdict_of(report, check).trim_start().starts_with("FAIL")
 }
 
-#[test]
-fn with_no_bug_planted_the_same_campaign_passes() {
-    let o = campaign("control", 18000, None, "lin,lease,session,bst:500,ev", 11);
-    assert_eq!(o.code, Some(0), "a clean build must pass:\n{}", o.report);
-    assert!(o.report.contains("verdict: PASS"), "{}", o.report);
+/// `kvctl jepsen check` on the run folder the report names: its exit code and output.
+fn recheck(report: &str) -> Outcome {
+    let dir = report
+        .lines()
+        .find_map(|l| l.strip_prefix("run folder: "))
+        .unwrap_or_else(|| panic!("no run folder in:\n{report}"))
+        .trim();
+    let output = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .args(["jepsen", "check", dir])
+        .output()
+        .expect("run kvctl jepsen check");
+    Outcome {
+        code: output.status.code(),
+        report: String::from_utf8_lossy(&output.stdout).into_owned(),
+    }
+}
+
+/// The verdict lines (`ok …` / `FAIL …`) of a report.
+fn verdicts(report: &str) -> Vec<&str> {
+    report
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with("ok ") || l.starts_with("FAIL "))
+        .collect()
 }
 
 #[test]
-fn a_follower_serving_linearizable_reads_locally_is_caught() {
-    let o = campaign(
-        "follower-local-read",
-        18200,
-        Some("follower-local-read"),
-        "lin",
-        12,
-    );
+fn with_no_bug_planted_the_same_campaign_passes_and_rechecks_the_same_offline() {
+    let o = campaign("control", 18000, None, "lin,lease,session,bst:500,ev", 11);
+    assert_eq!(o.code, Some(0), "a clean build must pass:\n{}", o.report);
+    assert!(o.report.contains("verdict: PASS"), "{}", o.report);
+    let again = recheck(&o.report);
+    assert_eq!(again.code, Some(0), "{}", again.report);
+    assert_eq!(verdicts(&again.report), verdicts(&o.report));
+}
+
+/// Runs `bug`'s campaign and asserts it fails, with at least one of `checks` failing.
+fn assert_caught(base_port: u16, bug: &str, levels: &str, seed: u64, checks: &[&str], why: &str) {
+    let o = campaign(bug, base_port, Some(bug), levels, seed);
     assert_eq!(
         o.code,
         Some(1),
         "the planted bug must be caught:\n{}",
         o.report
     );
+    let again = recheck(&o.report);
+    assert_eq!(again.code, Some(1), "the saved history fails offline too");
+    assert_eq!(verdicts(&again.report), verdicts(&o.report));
     assert!(
-        failed(&o.report, "linearizable (lin/fri)"),
-        "stale follower reads are a linearizability violation:\n{}",
+        checks.iter().any(|check| failed(&o.report, check)),
+        "{why}: expected one of {checks:?} to fail:\n{}",
         o.report
+    );
+}
+
+#[test]
+fn a_follower_serving_linearizable_reads_locally_is_caught() {
+    assert_caught(
+        18200,
+        "follower-local-read",
+        "lin",
+        12,
+        &["linearizable (lin/fri)"],
+        "stale follower reads are a linearizability violation",
     );
 }
 
 #[test]
 fn a_leader_serving_reads_without_confirming_leadership_is_caught() {
-    let o = campaign(
-        "leader-no-confirm",
+    assert_caught(
         18400,
-        Some("leader-no-confirm"),
+        "leader-no-confirm",
         "lin,lease",
         13,
-    );
-    assert_eq!(
-        o.code,
-        Some(1),
-        "the planted bug must be caught:\n{}",
-        o.report
-    );
-    assert!(
-        failed(&o.report, "linearizable (lin/fri)") || failed(&o.report, "lease (linearizable)"),
-        "a deposed leader's reads are stale:\n{}",
-        o.report
+        &["linearizable (lin/fri)", "lease (linearizable)"],
+        "a deposed leader's reads are stale",
     );
 }
 
 #[test]
 fn acknowledging_uncommitted_writes_is_caught() {
-    let o = campaign("ack-uncommitted", 18600, Some("ack-uncommitted"), "lin", 14);
-    assert_eq!(
-        o.code,
-        Some(1),
-        "the planted bug must be caught:\n{}",
-        o.report
-    );
-    assert!(
-        failed(&o.report, "set (lost writes)") || failed(&o.report, "linearizable (lin/fri)"),
-        "acknowledged writes that never commit are lost:\n{}",
-        o.report
+    assert_caught(
+        18600,
+        "ack-uncommitted",
+        "lin",
+        14,
+        &["set (lost writes)", "linearizable (lin/fri)"],
+        "acknowledged writes that never commit, or whose outcome was guessed, break the history",
     );
 }

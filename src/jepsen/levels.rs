@@ -170,6 +170,49 @@ pub fn check_versions(ops: &[PairedOp]) -> LevelReport {
     report
 }
 
+/// No duplicate application, at every level: a unique value (per key) is written once, so
+/// every `ok` read, `cas_failed` and acknowledged write that shows it with a version must show
+/// the same version. One value at two versions means the write was applied twice (a retried
+/// proposal, a replayed log entry).
+pub fn check_duplicates(ops: &[PairedOp]) -> LevelReport {
+    let mut report = LevelReport::new("duplicates", "ops");
+    // (key, value) → (version, the first op that showed it).
+    let mut seen: HashMap<(&str, &str), (u64, usize)> = HashMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        let (value, version) = match &op.output {
+            Output::Read(Some(Versioned {
+                value,
+                version: Some(v),
+            }))
+            | Output::CasFailed {
+                current:
+                    Some(Versioned {
+                        value,
+                        version: Some(v),
+                    }),
+            } => (value.as_str(), *v),
+            Output::Written { version: Some(v) } => match written_value(op) {
+                Some(Some(value)) => (value, *v),
+                _ => continue,
+            },
+            _ => continue,
+        };
+        report.checked += 1;
+        match seen.get(&(op.key.as_str(), value)) {
+            None => {
+                seen.insert((op.key.as_str(), value), (version, i));
+            }
+            Some((first_version, _)) if *first_version == version => {}
+            Some((first_version, first)) => report.violations.push(format!(
+                "value {value:?} of key {:?} applied twice: at version {first_version} and at \
+                 version {version}: [{}] and [{}]",
+                op.key, ops[*first], op
+            )),
+        }
+    }
+    report
+}
+
 fn show(value: Option<&str>) -> String {
     match value {
         Some(v) => format!("{v:?}"),
@@ -539,6 +582,31 @@ mod tests {
         assert!(report.violations[0].contains("\"a\" vs \"b\""), "{report}");
         assert!(report.violations[0].contains("proc 1 write"), "{report}");
         assert!(report.violations[0].contains("proc 2 write"), "{report}");
+    }
+
+    #[test]
+    fn a_value_at_one_version_is_no_duplicate() {
+        let mut ops = Ops::default();
+        ops.write(1, "k", "a", 5, (0, 1))
+            .read(2, "k", Level::Ev, None, Some(("a", 5)), (2, 3))
+            .write(1, "j", "a", 6, (4, 5));
+        let report = check_duplicates(&ops.0);
+        assert_eq!(report.checked, 3);
+        assert_violations(&report, 0, "");
+    }
+
+    #[test]
+    fn a_value_applied_twice_is_detected() {
+        let mut ops = Ops::default();
+        ops.write(1, "k", "a", 5, (0, 1))
+            .write(2, "k", "b", 6, (2, 3))
+            .read(3, "k", Level::Lin, None, Some(("a", 7)), (4, 5));
+        let report = check_duplicates(&ops.0);
+        assert_violations(&report, 1, "value \"a\" of key \"k\" applied twice");
+        assert!(
+            report.violations[0].contains("version 5 and at version 7"),
+            "{report}"
+        );
     }
 
     #[test]

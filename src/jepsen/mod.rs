@@ -31,8 +31,8 @@ pub use history::{
     Output, PairedOp, Versioned,
 };
 pub use levels::{
-    DEFAULT_EPSILON, LevelReport, check_bounded, check_convergence, check_eventual, check_session,
-    check_versions,
+    DEFAULT_EPSILON, LevelReport, check_bounded, check_convergence, check_duplicates,
+    check_eventual, check_session, check_versions,
 };
 pub use linearizability::{
     Checker, KeyReport, LevelFilter, Report, Verdict, Violation, check, check_key,

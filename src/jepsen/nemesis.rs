@@ -63,14 +63,16 @@ impl fmt::Display for Family {
 #[error("unknown nemesis {0:?}: expected partition, kill or pause")]
 pub struct UnknownFamily(pub String);
 
+/// The member of `all` whose `name` is `s` (trimmed).
+fn by_name<T: Copy>(all: &[T], name: fn(T) -> &'static str, s: &str) -> Option<T> {
+    all.iter().copied().find(|x| name(*x) == s.trim())
+}
+
 impl FromStr for Family {
     type Err = UnknownFamily;
 
     fn from_str(s: &str) -> Result<Family, UnknownFamily> {
-        Family::ALL
-            .into_iter()
-            .find(|f| f.name() == s.trim())
-            .ok_or_else(|| UnknownFamily(s.to_string()))
+        by_name(&Family::ALL, Family::name, s).ok_or_else(|| UnknownFamily(s.to_string()))
     }
 }
 
@@ -132,10 +134,7 @@ impl FromStr for Shape {
     type Err = UnknownShape;
 
     fn from_str(s: &str) -> Result<Shape, UnknownShape> {
-        Shape::ALL
-            .into_iter()
-            .find(|x| x.name() == s.trim())
-            .ok_or_else(|| UnknownShape(s.to_string()))
+        by_name(&Shape::ALL, Shape::name, s).ok_or_else(|| UnknownShape(s.to_string()))
     }
 }
 

@@ -162,20 +162,10 @@ pub async fn run(options: RunOptions) -> Result<RunSummary, RunError> {
         options.interval,
     );
     eprintln!(
-        "jepsen: run {} · seed {} · {} nodes × {} shards · {} s · nemesis {} ({} faults) · bug {}",
-        dir.display(),
-        options.seed,
-        options.nodes,
-        options.shards,
-        options.duration.as_secs(),
-        options
-            .families
-            .iter()
-            .map(|f| f.name())
-            .collect::<Vec<_>>()
-            .join(","),
+        "jepsen: {} · {} faults scheduled · run folder {}",
+        summary_line(&options),
         schedule.steps.len(),
-        options.planted_bug.as_deref().unwrap_or("none"),
+        dir.display()
     );
 
     let net = Arc::new(Net::new(options.net, &ids, options.base_port).await?);
@@ -331,30 +321,29 @@ fn net_line(dir: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn header(options: &RunOptions, net: &str, nemesis_note: &str) -> String {
-    let mut h = String::new();
+/// One line naming the run: planted bug (if any), seed, cluster, duration, fault families.
+fn summary_line(options: &RunOptions) -> String {
     let bug = match &options.planted_bug {
         Some(bug) => format!("PLANTED BUG {bug} · "),
         None => String::new(),
     };
-    let _ = writeln!(
-        h,
-        "kvnode fault test · {bug}seed {} · {} nodes × {} shards (rf {}) · {} s · nemesis {}",
+    let families: Vec<&str> = options.families.iter().map(|f| f.name()).collect();
+    format!(
+        "{bug}seed {} · {} nodes × {} shards (rf {}) · {} s · nemesis {}",
         options.seed,
         options.nodes,
         options.shards,
         options.replication_factor,
         options.duration.as_secs(),
-        options
-            .families
-            .iter()
-            .map(|f| f.name())
-            .collect::<Vec<_>>()
-            .join(","),
-    );
-    let _ = writeln!(h, "network: {net}");
-    let _ = writeln!(h, "nemesis: {nemesis_note}");
-    h
+        families.join(","),
+    )
+}
+
+fn header(options: &RunOptions, net: &str, nemesis_note: &str) -> String {
+    format!(
+        "kvnode fault test · {}\nnetwork: {net}\nnemesis: {nemesis_note}\n",
+        summary_line(options)
+    )
 }
 
 fn write_run_json(
@@ -483,15 +472,28 @@ pub fn recheck(dir: &Path) -> Result<(RunVerdict, String), RunError> {
     if let Ok(run) = std::fs::read_to_string(dir.join("run.json"))
         && let Ok(run) = serde_json::from_str::<serde_json::Value>(&run)
     {
+        let list = |v: &serde_json::Value| {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default()
+        };
+        let bug = match run["planted_bug"].as_str() {
+            Some(bug) => format!("PLANTED BUG {bug} · "),
+            None => String::new(),
+        };
         let _ = writeln!(
             header,
-            "kvnode fault test (re-checked offline) · seed {} · {} nodes × {} shards · {} s · nemesis {} · planted bug {}",
+            "kvnode fault test (re-checked offline) · {bug}seed {} · {} nodes × {} shards · {} s · nemesis {}",
             run["seed"],
             run["nodes"],
             run["shards"],
             run["duration_s"],
-            run["nemesis"],
-            run["planted_bug"]
+            list(&run["nemesis"]),
         );
         let _ = writeln!(
             header,

@@ -5,7 +5,8 @@
 //! Which operations each checker sees (`../shared/design/jepsen.md` §3.5):
 //! - register keys (`reg-…`): linearizability of writes, CAS and `lin`/`fri` reads; the same
 //!   for `lease` reads (a separate verdict: lease reads are linearizable only while clocks
-//!   drift boundedly); one value per version (split brain); bounded staleness; eventual
+//!   drift boundedly); one value per version (split brain); one version per unique value (no
+//!   duplicate application); bounded staleness; eventual
 //!   validity; session guarantees; convergence of the final `ev` reads on every node;
 //! - set keys (`set-…`): lost, unexpected and fail-but-present elements, and one value per
 //!   version;
@@ -17,8 +18,8 @@ use std::fmt;
 
 use super::history::{F, History, HistoryError, Input, LevelKind, Output, PairedOp};
 use super::levels::{
-    DEFAULT_EPSILON, check_bounded, check_convergence, check_eventual, check_session,
-    check_versions,
+    DEFAULT_EPSILON, check_bounded, check_convergence, check_duplicates, check_eventual,
+    check_session, check_versions,
 };
 use super::linearizability::{Checker, LevelFilter};
 use super::set::check_set_history;
@@ -200,6 +201,7 @@ pub fn check_run(history: &History) -> Result<RunVerdict, HistoryError> {
     };
     let all: Vec<PairedOp> = registers.iter().chain(&sets).cloned().collect();
     checks.push(level("one value per version", check_versions(&all)));
+    checks.push(level("no duplicate application", check_duplicates(&all)));
     for report in check_bounded(&registers, DEFAULT_EPSILON) {
         let name = format!(
             "bounded staleness {}",
