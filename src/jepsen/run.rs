@@ -442,15 +442,16 @@ pub fn report(
         }
     }
     write(&dir.join("nemesis.log"), log)?;
-    // The header's first line without its "kvnode fault test" prefix, short enough to fit.
+    // A short title (the legend shares its line): the planted bug, if any, and the seed.
     let first = header.lines().next().unwrap_or_default();
-    let detail: String = first
-        .split_once(" · ")
-        .map_or(first, |(_, rest)| rest)
-        .chars()
-        .take(64)
-        .collect();
-    let title = format!("kvnode fault test · {detail}");
+    let mut title = String::from("kvnode fault test");
+    for part in first
+        .split(" · ")
+        .filter(|p| p.starts_with("seed") || p.starts_with("PLANTED"))
+    {
+        title.push_str(" · ");
+        title.push_str(part);
+    }
     write_timeline(
         history,
         &TimelineOptions {
