@@ -109,6 +109,7 @@
 //! | [`server`] | tonic services: client API with forwarding ([`server::kv`]), peer transport ([`server::raft`]), the error mapping ([`server::status`]) |
 //! | [`client`] | the Rust client: shard- and leader-aware, retries only what is safe |
 //! | [`jepsen`] | fault testing anyone can run (`kvctl jepsen run`): real `kvnode` processes, partitions (iptables in a private netns, or a TCP proxy), a seeded kill/pause/partition nemesis, workers recording a history at every read level, the checkers (per-key linearizability, per-level checks, lost writes), the report and timeline |
+//! | [`loadgen`] | the load generator behind `kvctl bench` and `scripts/bench.sh`: one closed-loop workload (load phase, warmup, measurement; HDR-histogram latencies, errors apart) against kvnode ([`loadgen::kvnode`]) or etcd over its own gRPC API ([`loadgen::etcd`], `proto/etcd.proto`), JSON results, and the side-by-side report with kvnode/etcd ratios, `bench.md` and `bench.svg` ([`loadgen::report`]) |
 //! | `planted` (hidden; `planted-bugs` feature, test builds only) | the `KVNODE_PLANTED_BUG` switch that makes [`shard`] commit a known consistency bug, so the Jepsen checkers can be shown to catch it |
 //! | `testing` (hidden) | an in-process cluster over real sockets with test partitions |
 //! | `bin/kvnode`, `bin/kvctl` | flags → [`Config`] → [`Node`] → serve; the CLI over [`client::Client`] |
@@ -121,6 +122,7 @@ pub mod config;
 pub mod consistency;
 pub mod error;
 pub mod jepsen;
+pub mod loadgen;
 pub mod node;
 pub mod pb;
 #[cfg(feature = "planted-bugs")]

@@ -2,8 +2,10 @@
 //!
 //! Prints values and receipts on stdout; on failure prints the error and whether its outcome
 //! is definite (nothing happened) or indeterminate (a write may have committed) on stderr and
-//! exits with 1. Usage errors exit with 2. `kvctl jepsen` (in `jepsen.rs`) runs fault tests.
+//! exits with 1. Usage errors exit with 2. `kvctl jepsen` (in `jepsen.rs`) runs fault tests;
+//! `kvctl bench` (in `bench.rs`) runs the load generator against kvnode or etcd.
 
+mod bench;
 mod jepsen;
 
 use std::collections::BTreeMap;
@@ -79,6 +81,9 @@ enum Command {
     /// a saved run.
     #[command(subcommand)]
     Jepsen(jepsen::JepsenCommand),
+    /// Load generator: run one closed-loop workload against kvnode or etcd (`bench
+    /// --system ...`), or put a folder of results side by side (`bench report DIR`).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -165,6 +170,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Jepsen(command) = cli.command {
         return jepsen::main(command);
+    }
+    if let Command::Bench(args) = cli.command {
+        return bench::main(args, cli.endpoints, cli.timeout);
     }
     let read_options = match &cli.command {
         Command::Get {
@@ -292,7 +300,7 @@ async fn run(cli: Cli, read_options: Option<ReadOptions>) -> anyhow::Result<()> 
             println!("{}", write_receipt(&c.receipt));
         }
         Command::Status => status(&client).await?,
-        Command::Jepsen(_) => unreachable!("handled in main"),
+        Command::Jepsen(_) | Command::Bench(_) => unreachable!("handled in main"),
     }
     Ok(())
 }
