@@ -16,7 +16,7 @@
 //! | `codec` | one WAL record holding one Raft normal entry (a put with a 256-byte value): encode = `encode_serde(entry)` + record + frame, decode = frame check + record + entry | one copy + one CRC-32 of the same number of bytes |
 //! | `codec/wal_api` | the same through the pub `Wal` API (no fsync: a no-op `Syncer`): `append` (lock, `pwrite`, index) and `read` of one entry (`pread`) | (compared with `encode`/`decode` above) |
 //! | `wal_append` | `Wal::append` with group commit, 1 and 16 shards appending concurrently, one append in flight per shard | a bare `pwrite` + `fdatasync` loop writing, per sync, the entries and bytes kvnode achieved per sync |
-//! | `apply` | `StateMachine::apply_entries` of 1 and 64 puts (256-byte values, 1000 keys) | one raw `sled::Batch` of the same keys and values, `apply_batch` |
+//! | `apply` | `StateMachine::apply_entries` of 1 and 64 puts (256-byte values, 1000 keys) | one raw `sled::Batch` of the same keys and 256-byte values, `apply_batch` (every write changes the value, as kvnode's versions do: sled skips a set to an equal value) |
 //! | `embedded` | `Node::get` eventual and linearizable (16 shards, 1000 keys, 256-byte values); `Node::put` with 64 in flight | raw sled `get` of the same keys; the bare append+`fdatasync` loop with kvnode's batching |
 //!
 //! Every "kvnode" bench is followed by its ceiling in the same group, and the run ends with a
@@ -34,10 +34,17 @@
 //!   byte for byte like the original; `codec/wal_api` goes through the pub `Wal` API instead.
 //! - `wal_append` and the durable put count one iteration as one acknowledged append (resp. 64
 //!   puts: 64 tasks on a tokio runtime, each doing `iters` puts one after another, so 64 are
-//!   always in flight; criterion's time is per 64 puts and its throughput line is puts/s). The
-//!   ceiling (`bare_same_batching`) runs after its kvnode bench and uses the entries and bytes
-//!   per `fdatasync` that kvnode achieved there (printed in the summary); it is single-threaded,
-//!   with no lock, no index, no callbacks.
+//!   always in flight; criterion's time is per 64 puts and its throughput line is puts/s).
+//! - The fsync ceilings (`bare_same_batching`) are paired: every sample first runs a kvnode
+//!   slice of the same size (untimed by criterion there), then the bare loop with the entries
+//!   and bytes per `fdatasync` of that very slice. The bare loop is single-threaded, with no
+//!   lock, no index, no callbacks. Besides criterion's ratio of the two benches, the summary
+//!   gives the median of the per-sample ratios, which a disk shared with other work (its
+//!   fsync latency drifts) disturbs much less.
+//! - A watchdog ends the run (exit code 3, after printing what was measured) if a write path
+//!   stops making progress for 60 s (`KVNODE_BENCH_STALL_SECS`): sled 0.34.7 can deadlock under
+//!   sustained overwrites (see [`start_watchdog`]); this happened in this bench, in kvnode's
+//!   state machine and in raw sled alike.
 //! - Files live on the filesystem of `target/` (in `target/hot_paths-scratch`, or
 //!   `$KVNODE_BENCH_DIR`), never on a tmpfs.
 
@@ -74,7 +81,8 @@ const BARE_FILE_BYTES: u64 = 64 * 1024 * 1024;
 const RECORD_VERSION: u8 = 1;
 
 fn main() {
-    let started = SystemTime::now();
+    STARTED.get_or_init(SystemTime::now);
+    start_watchdog();
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
@@ -84,10 +92,12 @@ fn main() {
     wal_append(&mut c);
     apply(&mut c);
     embedded(&mut c);
-    scratch_apply(&mut c);
     c.final_summary();
-    summary(started);
+    summary();
 }
+
+/// When this run started: estimates older than this are not this run's.
+static STARTED: OnceLock<SystemTime> = OnceLock::new();
 
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
@@ -166,6 +176,83 @@ static NOTES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 fn note(line: String) {
     NOTES.lock().expect("notes").push(line);
+}
+
+/// One paired sample: `(iterations, kvnode time / ceiling time)`.
+type Pair = (u64, f64);
+
+/// Paired samples of the I/O benches, per bench.
+static PAIRED: Mutex<Vec<(String, Vec<Pair>)>> = Mutex::new(Vec::new());
+
+fn paired(bench: &str, iters: u64, ratio: f64) {
+    let mut all = PAIRED.lock().expect("paired");
+    match all.iter_mut().find(|(b, _)| b == bench) {
+        Some((_, v)) => v.push((iters, ratio)),
+        None => all.push((bench.to_owned(), vec![(iters, ratio)])),
+    }
+}
+
+/// Write-path progress (appends, applied batches, puts, bare syncs) and the bench being
+/// watched: the write paths go through sled, which can deadlock (see [`start_watchdog`]).
+static PROGRESS: AtomicU64 = AtomicU64::new(0);
+static WATCHED: Mutex<Option<String>> = Mutex::new(None);
+
+fn tick() {
+    PROGRESS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Arms the watchdog for `bench` until dropped.
+struct Watch;
+
+fn watch(bench: &str) -> Watch {
+    *WATCHED.lock().expect("watched") = Some(bench.to_owned());
+    Watch
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        *WATCHED.lock().expect("watched") = None;
+    }
+}
+
+/// Ends the run (exit code 3) if a watched write path makes no progress for
+/// `$KVNODE_BENCH_STALL_SECS` (default 60; 0 = never, e.g. to attach gdb). sled 0.34.7 can
+/// deadlock under sustained overwrites: a writer holding the segment accountant's mutex waits
+/// in `bump_tip` for a file truncation queued on sled's IO pool, whose threads all wait for
+/// that mutex (seen here in `StateTree::apply`, both from the embedded node and directly).
+fn start_watchdog() {
+    let limit = std::env::var("KVNODE_BENCH_STALL_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(60);
+    if limit == 0 {
+        return;
+    }
+    std::thread::spawn(move || {
+        let (mut last, mut since) = (PROGRESS.load(Ordering::Relaxed), Instant::now());
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = PROGRESS.load(Ordering::Relaxed);
+            let watched = WATCHED.lock().expect("watched").clone();
+            if now != last || watched.is_none() {
+                (last, since) = (now, Instant::now());
+                continue;
+            }
+            if since.elapsed() >= Duration::from_secs(limit) {
+                eprintln!(
+                    "\nhot_paths: no progress in {} for {limit} s: the write path is stuck. \
+                     Seen before: sled 0.34.7 deadlock (a writer waits in \
+                     SegmentAccountant::bump_tip for a truncation queued behind sled IO threads \
+                     that wait for the mutex it holds). Rerun with KVNODE_BENCH_STALL_SECS=0 \
+                     and `gdb -p {} -batch -ex 'thread apply all bt'` to see the threads.",
+                    watched.unwrap_or_default(),
+                    std::process::id()
+                );
+                summary(); // what was measured before the stall
+                std::process::exit(3);
+            }
+        }
+    });
 }
 
 /// A [`Syncer`] that syncs nothing: the WAL's CPU path without the disk.
@@ -419,6 +506,14 @@ impl Batching {
         self.wall += wall;
     }
 
+    fn merge(&mut self, other: &Batching) {
+        self.entries += other.entries;
+        self.syncs += other.syncs;
+        self.bytes += other.bytes;
+        self.sync_nanos += other.sync_nanos;
+        self.wall += other.wall;
+    }
+
     fn entries_per_sync(&self) -> f64 {
         self.entries as f64 / self.syncs.max(1) as f64
     }
@@ -487,6 +582,7 @@ impl Bare {
             let t = Instant::now();
             self.file.sync_data().expect("fdatasync");
             self.sync_nanos += t.elapsed().as_nanos() as u64;
+            tick();
         }
         self.syncs += syncs;
         // Scale the rounded number of syncs back to the exact share of `entries`.
@@ -553,6 +649,7 @@ impl WalRig {
                 )
                 .expect("append");
             rx.recv().expect("callback dropped").expect("append failed");
+            tick();
             if index.is_multiple_of(PURGE_EVERY) && index > PURGE_EVERY {
                 let upto = index - PURGE_EVERY;
                 self.wal
@@ -574,24 +671,36 @@ fn wal_append(c: &mut Criterion) {
     for shards in [1usize, 16] {
         let mut rig: Option<WalRig> = None;
         let mut batching = Batching::default();
+        let name = format!("wal_append/kvnode/{shards}");
         g.bench_function(BenchmarkId::new("kvnode", shards), |b| {
+            let _armed = watch(&name);
             let rig = rig.get_or_insert_with(|| WalRig::new(shards));
             b.iter_custom(|iters| rig.run(iters, &entry, &mut batching));
         });
+        // Each sample: a kvnode slice of the same size first (not what criterion times here),
+        // then the bare loop with the batching of that very slice; the pair's ratio is kept.
+        let name = format!("wal_append/bare_same_batching/{shards}");
+        let mut slices = Batching::default();
+        let mut bare: Option<Bare> = None;
         g.bench_function(BenchmarkId::new("bare_same_batching", shards), |b| {
-            if batching.syncs == 0 {
-                // kvnode's bench was filtered out: measure its batching for a moment.
-                let rig = rig.get_or_insert_with(|| WalRig::new(shards));
-                rig.run(200 * shards as u64, &entry, &mut batching);
-            }
-            let mut bare = Bare::new();
-            b.iter_custom(|iters| bare.run(iters, &batching));
-            note(format!(
-                "wal_append/{shards}: kvnode {}; bare loop {}",
-                batching.describe("appends"),
-                bare.describe()
-            ));
+            let _armed = watch(&name);
+            let rig = rig.get_or_insert_with(|| WalRig::new(shards));
+            let bare = bare.get_or_insert_with(Bare::new);
+            b.iter_custom(|iters| {
+                let mut slice = Batching::default();
+                let kvnode = rig.run(iters, &entry, &mut slice);
+                let ceiling = bare.run(iters, &slice);
+                slices.merge(&slice);
+                paired(&name, iters, kvnode.as_secs_f64() / ceiling.as_secs_f64());
+                ceiling
+            });
         });
+        note(format!(
+            "wal_append/{shards}: kvnode {}; in the paired slices {}; bare loop {}",
+            batching.describe("appends"),
+            slices.describe("appends"),
+            bare.as_ref().map_or("not run".into(), Bare::describe),
+        ));
     }
     g.finish();
 }
@@ -601,11 +710,15 @@ fn wal_append(c: &mut Criterion) {
 
 struct ApplyRig {
     _dir: TempDir,
-    _store: Store,
+    store: Store,
     sm: StateMachine,
     next: u64,
-    _raw_db: sled::Db,
+    raw_db: sled::Db,
     raw: sled::Tree,
+    raw_writes: u64,
+    /// The bench that ran last: both databases are flushed when it changes, so that neither
+    /// bench pays for the other's dirty data (sled writes it back on its own threads).
+    last_bench: String,
 }
 
 impl ApplyRig {
@@ -622,11 +735,22 @@ impl ApplyRig {
         let raw = raw_db.open_tree("raw").expect("raw tree");
         ApplyRig {
             _dir: dir,
-            _store: store,
+            store,
             sm,
             next: 1,
-            _raw_db: raw_db,
+            raw_db,
             raw,
+            raw_writes: 0,
+            last_bench: String::new(),
+        }
+    }
+
+    /// Flushes both databases if `bench` is not the bench that ran last.
+    fn enter(&mut self, bench: &str) {
+        if self.last_bench != bench {
+            self.store.flush_state().expect("flush the store's sled");
+            self.raw_db.flush().expect("flush raw sled");
+            self.last_bench = bench.to_owned();
         }
     }
 }
@@ -640,7 +764,10 @@ fn apply(c: &mut Criterion) {
     for batch in [1usize, 64] {
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_function(BenchmarkId::new("state_machine", batch), |b| {
+            let name = format!("apply/state_machine/{batch}");
+            let _armed = watch(&name);
             let rig = rig.get_or_insert_with(ApplyRig::new);
+            rig.enter(&name);
             b.iter_batched(
                 || {
                     let first = rig.next;
@@ -649,20 +776,32 @@ fn apply(c: &mut Criterion) {
                         .map(|i| put_entry(i, &keys[i as usize % KEYS], &value))
                         .collect::<Vec<_>>()
                 },
-                |entries| rig.sm.apply_entries(entries).expect("apply"),
+                |entries| {
+                    let results = rig.sm.apply_entries(entries).expect("apply");
+                    tick();
+                    results
+                },
                 BatchSize::SmallInput,
             )
         });
+        // Every write changes the value (its first 8 bytes count writes), as kvnode's versions
+        // do: sled skips a set that leaves the value unchanged, which would make this no ceiling.
         g.bench_function(BenchmarkId::new("sled_batch", batch), |b| {
+            let name = format!("apply/sled_batch/{batch}");
+            let _armed = watch(&name);
             let rig = rig.get_or_insert_with(ApplyRig::new);
-            let mut i = 0;
+            rig.enter(&name);
             b.iter(|| {
                 let mut raw = sled::Batch::default();
                 for _ in 0..batch {
-                    i = (i + 1) % KEYS;
-                    raw.insert(keys[i].as_slice(), value.as_slice());
+                    rig.raw_writes += 1;
+                    let mut v = value.clone();
+                    v[..8].copy_from_slice(&rig.raw_writes.to_le_bytes());
+                    let key = &keys[rig.raw_writes as usize % KEYS];
+                    raw.insert(key.as_slice(), v);
                 }
-                rig.raw.apply_batch(raw).expect("apply_batch")
+                rig.raw.apply_batch(raw).expect("apply_batch");
+                tick();
             })
         });
     }
@@ -744,6 +883,7 @@ async fn put_all(node: Arc<Node>, keys: Arc<Vec<Vec<u8>>>, rounds: u64) {
                 for j in 0..rounds as usize {
                     let key = &keys[(w + IN_FLIGHT * j) % keys.len()];
                     node.put(key, value.clone()).await.expect("put");
+                    tick();
                 }
             })
         })
@@ -803,22 +943,38 @@ fn embedded(c: &mut Criterion) {
         .throughput(Throughput::Elements(IN_FLIGHT as u64));
     let mut batching = Batching::default();
     g.bench_function(BenchmarkId::new("put_durable_64", "kvnode"), |b| {
+        let _armed = watch("embedded/put_durable_64/kvnode");
         let rig = rig.get_or_insert_with(EmbeddedRig::new);
         b.iter_custom(|iters| measure_puts(rig, iters, &mut batching));
     });
-    g.bench_function(BenchmarkId::new("put_durable_64", "bare_same_batching"), |b| {
-        if batching.syncs == 0 {
+    // Paired like `wal_append`: each sample runs a kvnode slice of the same size first, then
+    // the bare loop with that slice's puts and bytes per fdatasync.
+    let name = "embedded/put_durable_64/bare_same_batching";
+    let mut slices = Batching::default();
+    let mut bare: Option<Bare> = None;
+    g.bench_function(
+        BenchmarkId::new("put_durable_64", "bare_same_batching"),
+        |b| {
+            let _armed = watch(name);
             let rig = rig.get_or_insert_with(EmbeddedRig::new);
-            measure_puts(rig, 20, &mut batching);
-        }
-        let mut bare = Bare::new();
-        b.iter_custom(|iters| bare.run(iters * IN_FLIGHT as u64, &batching));
-        note(format!(
-            "embedded/put_durable_64: kvnode {} (WAL bytes include votes, committed and purge markers); bare loop {}",
-            batching.describe("puts"),
-            bare.describe()
-        ));
-    });
+            let bare = bare.get_or_insert_with(Bare::new);
+            b.iter_custom(|iters| {
+                let mut slice = Batching::default();
+                let kvnode = measure_puts(rig, iters, &mut slice);
+                let ceiling = bare.run(iters * IN_FLIGHT as u64, &slice);
+                slices.merge(&slice);
+                paired(name, iters, kvnode.as_secs_f64() / ceiling.as_secs_f64());
+                ceiling
+            });
+        },
+    );
+    note(format!(
+        "embedded/put_durable_64: kvnode {}; in the paired slices {} (WAL bytes include votes, \
+         committed and purge markers); bare loop {}",
+        batching.describe("puts"),
+        slices.describe("puts"),
+        bare.as_ref().map_or("not run".into(), Bare::describe),
+    ));
     g.finish();
     drop(rig);
 }
@@ -826,7 +982,7 @@ fn embedded(c: &mut Criterion) {
 // ---------------------------------------------------------------------------------------------
 // summary
 
-/// `(kvnode bench, its ceiling, operations per criterion iteration, what the ratio means)`.
+/// `(kvnode bench, its ceiling, operations per criterion iteration)`.
 const PAIRS: [(&str, &str, u64); 13] = [
     ("ring/shard_for/16", "ring/key_hash", 1),
     ("ring/shard_for/256", "ring/key_hash", 1),
@@ -873,8 +1029,8 @@ fn time(ns: f64) -> String {
     }
 }
 
-fn summary(started: SystemTime) {
-    let since = started - Duration::from_secs(1);
+fn summary() {
+    let since = *STARTED.get_or_init(SystemTime::now) - Duration::from_secs(1);
     let mut out = vec![
         "kvnode vs ceiling, same run (time per operation; ratio = kvnode / ceiling, 1.00 = at the ceiling)".to_string(),
         format!(
@@ -899,6 +1055,31 @@ fn summary(started: SystemTime) {
     if !any {
         out.push("(no fresh estimates: criterion --test/--list mode, or filtered out)".into());
     }
+    for (bench, samples) in PAIRED.lock().expect("paired").iter() {
+        // Keep the measurement samples: flat sampling gives them all the same iteration count,
+        // the most frequent one (warm-up calls vary).
+        let mut counts = std::collections::BTreeMap::new();
+        for (iters, _) in samples {
+            *counts.entry(*iters).or_insert(0) += 1;
+        }
+        let Some((&iters, _)) = counts.iter().max_by_key(|(i, n)| (**n, **i)) else {
+            continue;
+        };
+        let mut r: Vec<f64> = samples
+            .iter()
+            .filter(|(i, _)| *i == iters)
+            .map(|(_, r)| *r)
+            .collect();
+        r.sort_by(f64::total_cmp);
+        let q = |p: f64| r[((r.len() - 1) as f64 * p).round() as usize];
+        out.push(format!(
+            "{bench}: paired kvnode/ceiling ratio median {:.2} (quartiles {:.2}–{:.2}, {} samples of {iters} iterations)",
+            q(0.5),
+            q(0.25),
+            q(0.75),
+            r.len()
+        ));
+    }
     out.extend(NOTES.lock().expect("notes").iter().cloned());
     let text = out.join("\n");
     println!("\n{text}");
@@ -906,75 +1087,4 @@ fn summary(started: SystemTime) {
     if any && std::fs::create_dir_all(&dir).is_ok() {
         let _ = std::fs::write(dir.join("hot_paths-ratios.txt"), text + "\n");
     }
-}
-
-fn scratch_apply(c: &mut Criterion) {
-    use kvnode::storage::{Versioned, Write};
-    let keys = keys(KEYS);
-    let value = value();
-    let mut g = c.benchmark_group("scratch_apply");
-    g.sample_size(20);
-    let batch = 64usize;
-    g.bench_function("sm", |b| {
-        let mut rig = ApplyRig::new();
-        b.iter_batched(
-            || {
-                let first = rig.next;
-                rig.next += batch as u64;
-                (first..rig.next)
-                    .map(|i| put_entry(i, &keys[i as usize % KEYS], &value))
-                    .collect::<Vec<_>>()
-            },
-            |entries| rig.sm.apply_entries(entries).expect("apply"),
-            BatchSize::SmallInput,
-        )
-    });
-    g.bench_function("tree", |b| {
-        let dir = temp_dir("scratch-");
-        let store = Store::open(dir.path().join("kv"), StoreOptions::default()).expect("store");
-        let tree = store.state_tree(0).unwrap();
-        let mut next = 1u64;
-        b.iter(|| {
-            let writes: Vec<Write> = (0..batch)
-                .map(|_| {
-                    next += 1;
-                    Write::Put(
-                        keys[next as usize % KEYS].clone(),
-                        Versioned {
-                            version: next,
-                            value: value.clone(),
-                        },
-                    )
-                })
-                .collect();
-            tree.apply(&writes, &next.to_le_bytes(), None).unwrap()
-        })
-    });
-    for like in [false, true] {
-        g.bench_function(BenchmarkId::new("raw", like), |b| {
-            let rig = ApplyRig::new();
-            let mut i = 0u64;
-            b.iter(|| {
-                let mut raw = sled::Batch::default();
-                for _ in 0..batch {
-                    i += 1;
-                    let k = &keys[i as usize % KEYS];
-                    if like {
-                        let mut kk = vec![b'd'];
-                        kk.extend_from_slice(k);
-                        let mut vv = i.to_be_bytes().to_vec();
-                        vv.extend_from_slice(&value);
-                        raw.insert(kk, vv);
-                    } else {
-                        raw.insert(k.as_slice(), value.as_slice());
-                    }
-                }
-                if like {
-                    raw.insert(&b"m/applied"[..], &i.to_le_bytes()[..]);
-                }
-                rig.raw.apply_batch(raw).expect("apply_batch")
-            })
-        });
-    }
-    g.finish();
 }
