@@ -65,8 +65,8 @@ ETCD_VERSION=$(etcd --version 2>/dev/null | sed -n 's/^etcd Version: //p')
 
 # --- build --------------------------------------------------------------------------------
 cargo build --release --locked --quiet --bin kvnode --bin kvctl
-KVCTL=target/release/kvctl
-KVNODE=target/release/kvnode
+KVCTL="${CARGO_TARGET_DIR:-target}/release/kvctl"
+KVNODE="${CARGO_TARGET_DIR:-target}/release/kvnode"
 
 STAMP=$(date +%Y%m%d-%H%M%S)
 RUN=target/bench/run-$STAMP

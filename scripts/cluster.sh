@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 DIR=${KVNODE_CLUSTER_DIR:-data/cluster}
 PEERS="1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003"
-BIN=target/release
+BIN="${CARGO_TARGET_DIR:-target}/release"
 
 pid_of() { cat "$DIR/node-$1.pid" 2>/dev/null || true; }
 alive() { local p; p=$(pid_of "$1"); [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }

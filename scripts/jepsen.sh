@@ -28,7 +28,7 @@ if [ "$(id -u)" = 0 ] && ! command -v iptables >/dev/null 2>&1 && command -v apt
 fi
 
 cargo build --release --locked --bins --quiet
-kvctl=target/release/kvctl
+kvctl="${CARGO_TARGET_DIR:-target}/release/kvctl"
 
 campaign() {
   echo "== jepsen: $*" >&2
