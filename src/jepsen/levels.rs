@@ -125,6 +125,26 @@ fn read_at(op: &PairedOp, kind: LevelKind) -> Option<&Option<Versioned>> {
     }
 }
 
+/// The value (`None`: absent or deleted) and version an operation shows, if it carries a
+/// version: an `ok` read, a `cas_failed`, or an acknowledged write or CAS.
+fn shown(op: &PairedOp) -> Option<(Option<&str>, u64)> {
+    match &op.output {
+        Output::Read(Some(Versioned {
+            value,
+            version: Some(v),
+        }))
+        | Output::CasFailed {
+            current:
+                Some(Versioned {
+                    value,
+                    version: Some(v),
+                }),
+        } => Some((Some(value.as_str()), *v)),
+        Output::Written { version: Some(v) } => written_value(op).map(|value| (value, *v)),
+        _ => None,
+    }
+}
+
 /// Version uniqueness, at every level: every `ok` read, `cas_failed` and acknowledged write
 /// that carries a version must agree on the value at that (key, version); a second value is
 /// split brain.
@@ -133,23 +153,8 @@ pub fn check_versions(ops: &[PairedOp]) -> LevelReport {
     // (key, version) → (value, the first op that showed it).
     let mut seen: HashMap<(&str, u64), (Option<&str>, usize)> = HashMap::new();
     for (i, op) in ops.iter().enumerate() {
-        let (value, version) = match &op.output {
-            Output::Read(Some(Versioned {
-                value,
-                version: Some(v),
-            }))
-            | Output::CasFailed {
-                current:
-                    Some(Versioned {
-                        value,
-                        version: Some(v),
-                    }),
-            } => (Some(value.as_str()), *v),
-            Output::Written { version: Some(v) } => match written_value(op) {
-                Some(value) => (value, *v),
-                None => continue,
-            },
-            _ => continue,
+        let Some((value, version)) = shown(op) else {
+            continue;
         };
         report.checked += 1;
         match seen.get(&(op.key.as_str(), version)) {
@@ -179,23 +184,8 @@ pub fn check_duplicates(ops: &[PairedOp]) -> LevelReport {
     // (key, value) → (version, the first op that showed it).
     let mut seen: HashMap<(&str, &str), (u64, usize)> = HashMap::new();
     for (i, op) in ops.iter().enumerate() {
-        let (value, version) = match &op.output {
-            Output::Read(Some(Versioned {
-                value,
-                version: Some(v),
-            }))
-            | Output::CasFailed {
-                current:
-                    Some(Versioned {
-                        value,
-                        version: Some(v),
-                    }),
-            } => (value.as_str(), *v),
-            Output::Written { version: Some(v) } => match written_value(op) {
-                Some(Some(value)) => (value, *v),
-                _ => continue,
-            },
-            _ => continue,
+        let Some((Some(value), version)) = shown(op) else {
+            continue;
         };
         report.checked += 1;
         match seen.get(&(op.key.as_str(), value)) {
