@@ -22,9 +22,38 @@ pub struct Recorder {
     inner: Mutex<Inner>,
 }
 
+/// Running totals of a history, for progress lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// `ok` completions.
+    pub ok: u64,
+    /// `fail` completions.
+    pub fail: u64,
+    /// `info` completions.
+    pub info: u64,
+    /// Faults started (`start-…` nemesis lines).
+    pub faults: u64,
+}
+
+impl Tally {
+    fn count(&mut self, event: &Event) {
+        match event {
+            Event::Op(op) => match op.kind {
+                OpType::Ok => self.ok += 1,
+                OpType::Fail => self.fail += 1,
+                OpType::Info => self.info += 1,
+                OpType::Invoke => {}
+            },
+            Event::Nemesis(n) if n.f.starts_with("start-") => self.faults += 1,
+            Event::Nemesis(_) => {}
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     next_i: u64,
+    tally: Tally,
     out: BufWriter<File>,
     events: Vec<Event>,
     /// The first write error, reported by [`Recorder::finish`].
@@ -44,6 +73,7 @@ impl Recorder {
             path,
             inner: Mutex::new(Inner {
                 next_i: 0,
+                tally: Tally::default(),
                 out: BufWriter::new(file),
                 events: Vec::new(),
                 failed: None,
@@ -116,7 +146,16 @@ impl Recorder {
                 }
             }
         }
+        inner.tally.count(&event);
         inner.events.push(event);
+    }
+
+    /// The totals so far, without copying the history.
+    pub fn tally(&self) -> Tally {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tally
     }
 
     /// The history so far.
@@ -167,6 +206,14 @@ mod tests {
         };
         let completed = recorder.complete(&invoked, done);
         assert_eq!((invoked.i, completed.i), (0, 2));
+        assert_eq!(
+            recorder.tally(),
+            Tally {
+                ok: 1,
+                faults: 1,
+                ..Tally::default()
+            }
+        );
         assert!(completed.t_ns >= invoked.t_ns);
         recorder.finish().expect("flush");
 

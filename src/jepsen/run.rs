@@ -394,24 +394,15 @@ async fn progress(recorder: Arc<Recorder>, duration: Duration) {
     let started = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let history = recorder.history();
-        let (mut ok, mut fail, mut info, mut faults) = (0, 0, 0, 0);
-        for event in &history.events {
-            match event {
-                Event::Op(op) => match op.kind {
-                    OpType::Ok => ok += 1,
-                    OpType::Fail => fail += 1,
-                    OpType::Info => info += 1,
-                    OpType::Invoke => {}
-                },
-                Event::Nemesis(n) if n.f.starts_with("start-") => faults += 1,
-                Event::Nemesis(_) => {}
-            }
-        }
+        let t = recorder.tally();
         eprintln!(
-            "jepsen: {:>4.0}/{} s · {ok} ok, {fail} fail, {info} info · {faults} faults so far",
+            "jepsen: {:>4.0}/{} s · {} ok, {} fail, {} info · {} faults so far",
             started.elapsed().as_secs_f64(),
-            duration.as_secs()
+            duration.as_secs(),
+            t.ok,
+            t.fail,
+            t.info,
+            t.faults
         );
     }
 }
