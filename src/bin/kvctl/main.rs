@@ -17,6 +17,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use futures::future::join_all;
 use kvnode::client::{Client, ClientOptions, ClusterStatus};
 use kvnode::consistency::{Fallback, ReadLevel, ReadOptions, SessionToken, Staleness};
+use kvnode::loadgen::parse_duration;
 use kvnode::{ReadReceipt, VersionedValue, WriteReceipt};
 
 /// Command-line client for a kvnode cluster.
@@ -104,23 +105,6 @@ struct CasArgs {
     /// Delete the key instead of setting it.
     #[arg(long, group = "replacement")]
     delete: bool,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "ms"),
-    };
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 2s, 1m)"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        _ => Err(format!("unknown unit {unit:?} in {s:?} (use ms, s or m)")),
-    }
 }
 
 fn parse_level(s: &str) -> Result<ReadLevel, String> {
