@@ -54,6 +54,11 @@ pub struct Config {
     pub election_timeout_min_ms: u64,
     /// Upper end of the election timeout range (see `election_timeout_min_ms`).
     pub election_timeout_max_ms: u64,
+    /// A shard group with no client traffic for this long hibernates: its timers and
+    /// heartbeats stop while every node it needs answers the node-level ping (one per peer per
+    /// heartbeat interval, whatever the shard count; see [`crate::hibernation`]). Any write or
+    /// quorum read wakes it. 0 never hibernates. Default 2000.
+    pub hibernate_after_ms: u64,
     /// A shard snapshots its state machine after this many log entries since the last
     /// snapshot; the WAL is then purged behind it. Lower values bound WAL disk use and restart
     /// time, higher ones write fewer snapshot files. Default 5000.
@@ -84,6 +89,7 @@ impl Default for Config {
             heartbeat_interval_ms: 250,
             election_timeout_min_ms: 1000,
             election_timeout_max_ms: 2000,
+            hibernate_after_ms: 2000,
             snapshot_every_entries: 5000,
             request_timeout_ms: 5000,
             wal_segment_bytes: 64 * 1024 * 1024,
@@ -222,6 +228,15 @@ impl Config {
                 ),
             );
         }
+        if self.hibernate_after_ms != 0 && self.hibernate_after_ms < self.heartbeat_interval_ms {
+            return bad(
+                "hibernate_after_ms",
+                format!(
+                    "{} ms is less than heartbeat_interval_ms ({} ms); use 0 to never hibernate",
+                    self.hibernate_after_ms, self.heartbeat_interval_ms
+                ),
+            );
+        }
         if self.snapshot_every_entries < 10 {
             return bad("snapshot_every_entries", "must be at least 10");
         }
@@ -339,6 +354,7 @@ mod tests {
                 "election_timeout_max_ms",
                 Box::new(|c| c.election_timeout_max_ms = 1000),
             ),
+            ("hibernate_after_ms", Box::new(|c| c.hibernate_after_ms = 1)),
             (
                 "snapshot_every_entries",
                 Box::new(|c| c.snapshot_every_entries = 1),

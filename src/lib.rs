@@ -121,6 +121,7 @@ pub mod cluster;
 pub mod config;
 pub mod consistency;
 pub mod error;
+pub mod hibernation;
 pub mod jepsen;
 pub mod loadgen;
 pub mod node;

@@ -24,6 +24,7 @@ use crate::cluster;
 use crate::config::Config;
 use crate::consistency::{ReadOptions, WriteReceipt};
 use crate::error::{Error, Result};
+use crate::hibernation::{Controller, new_boot_id};
 use crate::raft::network::{NoPeers, Peers, ShardNetwork};
 use crate::raft::{Command, CommandResult};
 use crate::reply::{CasReply, DeleteReply, GetReply};
@@ -43,6 +44,10 @@ pub struct Node {
     placement: BTreeMap<ShardId, Vec<u64>>,
     /// Channels to the other nodes (None when embedded).
     peers: Option<Arc<Peers>>,
+    /// Random per process start; peers see a restart as a new boot id (see `hibernation`).
+    boot_id: u64,
+    /// Puts idle shard groups to sleep (None if the config never hibernates); stops on drop.
+    hibernation: std::sync::Mutex<Option<Controller>>,
 }
 
 impl Node {
@@ -122,12 +127,17 @@ impl Node {
             }
         }))
         .await;
+        let boot_id = new_boot_id();
+        let groups = shards.iter().map(Shard::hibernation_group).collect();
+        let hibernation = Controller::start(&config, boot_id, peers.clone(), groups);
         let node = Node {
             router: Router::new(ring, shards),
             config,
             store,
             placement,
             peers,
+            boot_id,
+            hibernation: std::sync::Mutex::new(hibernation),
         };
         if let Some(err) = started.into_iter().find_map(Result::err) {
             node.shutdown_shards().await;
@@ -162,6 +172,11 @@ impl Node {
     /// Every local replica.
     pub fn local_shards(&self) -> impl Iterator<Item = &Shard> {
         self.router.shards()
+    }
+
+    /// This process's boot id (see [`crate::hibernation`]).
+    pub fn boot_id(&self) -> u64 {
+        self.boot_id
     }
 
     /// Channels to the other nodes (None when embedded).
@@ -307,6 +322,8 @@ impl Node {
     }
 
     async fn shutdown_shards(&self) {
+        // First, so no group is switched back on while it shuts down.
+        drop(self.hibernation.lock().expect("hibernation lock").take());
         join_all(self.router.shards().map(Shard::shutdown)).await;
     }
 

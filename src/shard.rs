@@ -33,6 +33,7 @@ use openraft::{BasicNode, ReadPolicy, SnapshotPolicy};
 use crate::config::Config;
 use crate::consistency::{Fallback, ReadLevel, ReadReceipt, ServedLevel, Staleness};
 use crate::error::{Error, Result};
+use crate::hibernation::{Activity, Group};
 use crate::raft::network::Peers;
 use crate::raft::{
     Command, CommandResult, LogStore, ShardRaft, StateMachine, StateReader, TypeConfig,
@@ -54,6 +55,8 @@ pub struct ShardView {
     pub applied_index: Option<u64>,
     /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
     pub role: &'static str,
+    /// The group's timers are off on this replica (see [`crate::hibernation`]).
+    pub hibernating: bool,
 }
 
 /// One local replica of a shard.
@@ -71,6 +74,8 @@ pub struct Shard {
     rounds: Rounds,
     /// The last read-index round this replica completed (bounded-staleness proofs).
     freshness: Freshness,
+    /// Client traffic, for hibernation (see [`crate::hibernation`]).
+    activity: Arc<Activity>,
     /// Logs every leadership change of the group (kept alive with the shard).
     _leader_log: openraft::WatchChangeHandle<TypeConfig>,
 }
@@ -159,6 +164,7 @@ impl Shard {
             peers,
             rounds: Rounds::default(),
             freshness: Freshness::default(),
+            activity: Arc::new(Activity::default()),
             _leader_log: leader_log,
         })
     }
@@ -188,6 +194,29 @@ impl Shard {
                 openraft::ServerState::Learner => "learner",
                 openraft::ServerState::Shutdown => "shutdown",
             },
+            hibernating: self.activity.is_hibernating(),
+        }
+    }
+
+    /// True if this replica leads its group right now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow_watched().state == openraft::ServerState::Leader
+    }
+
+    /// The hibernation controller's handle on this replica.
+    pub fn hibernation_group(&self) -> Group {
+        Group {
+            shard: self.id,
+            raft: self.raft.clone(),
+            activity: Arc::clone(&self.activity),
+        }
+    }
+
+    /// Records client traffic that needs the leader's timers (a write or a quorum read), and
+    /// wakes the group if it was hibernating.
+    fn note_activity(&self) {
+        if self.activity.touch() {
+            self.raft.runtime_config().tick(true);
         }
     }
 
@@ -241,6 +270,7 @@ impl Shard {
         if let Some(planted) = self.planted_write(&command).await {
             return planted;
         }
+        self.note_activity();
         let written = tokio::time::timeout(self.timeout, self.raft.client_write(command)).await;
         match written {
             Err(_) => Err(self.timeout_error("write", true)),
@@ -445,6 +475,7 @@ impl Shard {
     /// A read index obtained as the leader: a quorum round, coalesced with concurrent reads.
     pub async fn leader_read_index(&self) -> Result<u64> {
         let started = Instant::now();
+        self.note_activity();
         let raft = self.raft.clone();
         let timeout = self.timeout;
         let index = self
@@ -521,6 +552,7 @@ impl Shard {
     /// Confirms this replica leads the shard (read index or lease) and has applied up to the
     /// read point.
     async fn confirm_leadership(&self, policy: ReadPolicy) -> Result<()> {
+        self.note_activity();
         let confirmed =
             tokio::time::timeout(self.timeout, self.raft.ensure_linearizable(policy)).await;
         match confirmed {

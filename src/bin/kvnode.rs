@@ -44,6 +44,10 @@ struct Args {
     /// Election timeout range in milliseconds, `MIN..MAX`.
     #[arg(long, value_parser = parse_range)]
     election_timeout_ms: Option<(u64, u64)>,
+    /// Hibernate a shard group after this many milliseconds without client traffic (its
+    /// timers and heartbeats stop until a request or a peer failure wakes it); 0 never does.
+    #[arg(long, default_value_t = Config::default().hibernate_after_ms)]
+    hibernate_after_ms: u64,
     /// Entries between snapshots of a shard.
     #[arg(long, default_value_t = Config::default().snapshot_every_entries)]
     snapshot_every: u64,
@@ -117,6 +121,7 @@ fn config(args: &Args) -> Config {
         heartbeat_interval_ms: args.heartbeat_ms,
         election_timeout_min_ms: emin,
         election_timeout_max_ms: emax,
+        hibernate_after_ms: args.hibernate_after_ms,
         snapshot_every_entries: args.snapshot_every,
         request_timeout_ms: args.request_timeout_ms,
         ..defaults

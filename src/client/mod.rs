@@ -113,6 +113,9 @@ pub struct ShardStatus {
     /// The answering node's role for the shard: `leader`, `follower`, `candidate`, `learner`,
     /// or empty if it hosts no replica.
     pub role: String,
+    /// The group's timers are off on the answering replica: it is idle (see
+    /// [`crate::hibernation`]).
+    pub hibernating: bool,
 }
 
 /// A connection to a kvnode cluster. Cheap to clone: clones share the channels and the shard
@@ -744,6 +747,7 @@ fn cluster_status(status: kv::StatusResponse, via: &str) -> ClusterStatus {
             commit_index: s.commit_index,
             applied_index: s.applied_index,
             role: s.role,
+            hibernating: s.hibernating,
         })
         .collect();
     shards.sort_by_key(|s| s.shard);

@@ -63,6 +63,8 @@ pub struct ClusterSpec {
     pub heartbeat_ms: u64,
     /// Election timeout range.
     pub election_timeout_ms: (u64, u64),
+    /// Idle time before a shard group hibernates (0: never).
+    pub hibernate_after_ms: u64,
     /// The nodes' request timeout.
     pub request_timeout_ms: u64,
     /// Extra environment for every node (e.g. `KVNODE_PLANTED_BUG`, `RUST_LOG`).
@@ -210,6 +212,10 @@ impl Processes {
             ])
             .args(["--heartbeat-ms", &cluster.heartbeat_ms.to_string()])
             .args(["--election-timeout-ms", &format!("{emin}..{emax}")])
+            .args([
+                "--hibernate-after-ms",
+                &cluster.hibernate_after_ms.to_string(),
+            ])
             .args([
                 "--request-timeout-ms",
                 &cluster.request_timeout_ms.to_string(),

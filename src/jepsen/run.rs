@@ -66,6 +66,9 @@ pub struct RunOptions {
     pub heartbeat_ms: u64,
     /// The nodes' election timeout range.
     pub election_timeout_ms: (u64, u64),
+    /// The nodes' idle time before a shard group hibernates (0: never). Short by default so
+    /// that groups fall asleep and wake up all through a run, faults included.
+    pub hibernate_after_ms: u64,
     /// A planted bug to switch on in the nodes (`KVNODE_PLANTED_BUG`; only builds with the
     /// `planted-bugs` feature have them).
     pub planted_bug: Option<String>,
@@ -89,6 +92,7 @@ impl Default for RunOptions {
             base_port: 17400,
             heartbeat_ms: 100,
             election_timeout_ms: (500, 1000),
+            hibernate_after_ms: 300,
             planted_bug: None,
         }
     }
@@ -184,6 +188,7 @@ pub async fn run(options: RunOptions) -> Result<RunSummary, RunError> {
         replication_factor: options.replication_factor,
         heartbeat_ms: options.heartbeat_ms,
         election_timeout_ms: options.election_timeout_ms,
+        hibernate_after_ms: options.hibernate_after_ms,
         request_timeout_ms: 1000,
         env,
     };
@@ -380,6 +385,7 @@ fn write_run_json(
         "planted_bug": options.planted_bug,
         "heartbeat_ms": options.heartbeat_ms,
         "election_timeout_ms": [options.election_timeout_ms.0, options.election_timeout_ms.1],
+        "hibernate_after_ms": options.hibernate_after_ms,
         "schedule": steps,
         "replay": format!("kvctl jepsen run --seed {} (same options)", options.seed),
     });

@@ -48,7 +48,7 @@ use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftNetworkV2, StorageErro
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pb::raft::raft_transport_client::RaftTransportClient;
-use crate::pb::raft::{PeerHeader, RaftRequest, SnapshotChunk};
+use crate::pb::raft::{PeerHeader, PingReply, PingRequest, RaftRequest, SnapshotChunk};
 use crate::raft::{Snapshot, TypeConfig, Vote};
 use crate::storage::SnapshotFile;
 use crate::storage::codec::{decode_serde, encode_serde};
@@ -269,6 +269,34 @@ impl Peers {
             Err(e) => Err(unavailable(format!(
                 "undecodable read-index reply from {leader}: {e}"
             ))),
+        }
+    }
+
+    /// Pings `node` (node-level liveness, see [`crate::hibernation`]) with this process's
+    /// `boot_id`, within `timeout`. `Err` says why no answer came.
+    pub async fn ping(
+        &self,
+        node: u64,
+        boot_id: u64,
+        timeout: Duration,
+    ) -> std::result::Result<PingReply, String> {
+        let channel = self
+            .channel(node)
+            .ok_or_else(|| format!("node {node} is not a reachable peer"))?;
+        let mut client = RaftTransportClient::new(channel);
+        let mut request = tonic::Request::new(PingRequest {
+            header: Some(PeerHeader {
+                from_node: self.self_id,
+                cluster_id: self.cluster_id.clone(),
+                shard: 0,
+            }),
+            boot_id,
+        });
+        request.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.ping(request)).await {
+            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+            Ok(Err(status)) => Err(status.message().to_string()),
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
         }
     }
 }

@@ -15,6 +15,8 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -40,6 +42,9 @@ pub struct StateMachine {
     snapshots: SnapshotDir,
     /// The current snapshot and its decoded meta.
     current: Option<(SnapshotMeta, SnapshotFile)>,
+    /// The applied index, published after each batch or snapshot load is visible in the tree,
+    /// so readers need not read and decode the applied marker from sled on every read.
+    applied_index: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -58,8 +63,8 @@ impl std::fmt::Debug for StateMachine {
 /// snapshot installs.
 #[derive(Debug, Clone)]
 pub struct StateReader {
-    shard: u64,
     tree: TreeReader,
+    applied_index: Arc<AtomicU64>,
 }
 
 impl StateReader {
@@ -73,13 +78,12 @@ impl StateReader {
 
     /// The last applied log index of local state (0 before anything was applied). Read it
     /// before a key: the value read then reflects at least this much of the log.
+    ///
+    /// A memory read: the state machine publishes the index only once the batch (or
+    /// snapshot) that reaches it is visible in the tree, so a key read afterwards reflects at
+    /// least that much.
     pub fn applied_index(&self) -> io::Result<u64> {
-        match self.tree.applied()? {
-            None => Ok(0),
-            Some(bytes) => decode_serde::<LogId>(&bytes)
-                .map(|l| l.index())
-                .map_err(|e| invalid(self.shard, "applied log id", e)),
-        }
+        Ok(self.applied_index.load(Ordering::Acquire))
     }
 }
 
@@ -116,6 +120,7 @@ impl StateMachine {
             tree,
             snapshots,
             current,
+            applied_index: Arc::new(AtomicU64::new(0)),
         };
         let applied = sm.last_applied()?;
         if let Some(purged) = purged
@@ -123,6 +128,7 @@ impl StateMachine {
         {
             sm.restore_from_snapshot(applied.as_ref(), purged)?;
         }
+        sm.publish_applied(sm.last_applied()?.as_ref());
         Ok(sm)
     }
 
@@ -170,14 +176,21 @@ impl StateMachine {
         let membership = encode_serde(&meta.last_membership);
         self.tree
             .replace(pairs, applied.as_deref(), Some(&membership))?;
+        self.publish_applied(meta.last_log_id.as_ref());
         Ok(())
+    }
+
+    /// Publishes `applied` to readers; call only once the state it names is visible.
+    fn publish_applied(&self, applied: Option<&LogId>) {
+        let index = applied.map_or(0, |l| l.index());
+        self.applied_index.store(index, Ordering::Release);
     }
 
     /// A read handle on this state machine's data.
     pub fn reader(&self) -> StateReader {
         StateReader {
-            shard: self.shard,
             tree: self.tree.reader(),
+            applied_index: Arc::clone(&self.applied_index),
         }
     }
 
@@ -267,6 +280,7 @@ impl StateMachine {
         let membership = membership.as_ref().map(encode_serde);
         self.tree
             .apply(&writes, &encode_serde(&last), membership.as_deref())?;
+        self.publish_applied(Some(&last));
         Ok(results)
     }
 

@@ -248,6 +248,7 @@ impl Kv for KvService {
                     commit_index: view.and_then(|v| v.commit_index).unwrap_or(0),
                     applied_index: view.and_then(|v| v.applied_index).unwrap_or(0),
                     role: view.map_or("", |v| v.role).to_string(),
+                    hibernating: view.is_some_and(|v| v.hibernating),
                 }
             })
             .collect();

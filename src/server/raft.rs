@@ -15,6 +15,9 @@
 //! | the shard has a replica here | `NOT_FOUND` |
 //! | the payload decodes | `INVALID_ARGUMENT` |
 //!
+//! `Ping` (node-level liveness for hibernating idle groups) gets the first three checks only:
+//! it names no shard and has no payload.
+//!
 //! A refused peer is logged at warn at most once a minute per peer and reason. Payloads and
 //! replies are the bincode of openraft's messages; a reply is the `Result` the shard's `Raft`
 //! returned, so the sender sees a remote failure as such (see `raft::network`).
@@ -41,7 +44,7 @@ use openraft::raft::{AppendEntriesRequest, VoteRequest};
 
 use crate::node::Node;
 use crate::pb::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
-use crate::pb::raft::{PeerHeader, RaftReply, RaftRequest, SnapshotChunk};
+use crate::pb::raft::{PeerHeader, PingReply, PingRequest, RaftReply, RaftRequest, SnapshotChunk};
 use crate::raft::network::ReadIndexReply;
 use crate::raft::network::{MAX_MESSAGE_BYTES, WarnLimiter};
 use crate::raft::{Snapshot, SnapshotMeta, TypeConfig, Vote};
@@ -75,6 +78,23 @@ impl RaftService {
 
     /// Checks `header` (see the module doc) and returns the local replica it addresses.
     fn admit(&self, header: Option<&PeerHeader>, rpc: &str) -> Result<&Shard, Status> {
+        let header = self.admit_peer(header, rpc)?;
+        let config = self.node.config();
+        self.node.local_shard(header.shard).ok_or_else(|| {
+            let status = Status::not_found(format!(
+                "shard {} has no replica on node {}",
+                header.shard, config.node_id
+            ));
+            self.refuse(header, "shard not hosted", status)
+        })
+    }
+
+    /// The checks of [`Self::admit`] that concern the sender, not the shard.
+    fn admit_peer<'h>(
+        &self,
+        header: Option<&'h PeerHeader>,
+        rpc: &str,
+    ) -> Result<&'h PeerHeader, Status> {
         let Some(header) = header else {
             return Err(Status::invalid_argument(format!(
                 "{rpc}: peer message without a header"
@@ -100,13 +120,7 @@ impl RaftService {
             // A test partition: behave like a dropped packet would, as far as the sender sees.
             return Err(Status::unavailable(format!("link from node {from} is cut")));
         }
-        self.node.local_shard(header.shard).ok_or_else(|| {
-            let status = Status::not_found(format!(
-                "shard {} has no replica on node {}",
-                header.shard, config.node_id
-            ));
-            self.refuse(header, "shard not hosted", status)
-        })
+        Ok(header)
     }
 
     /// Logs a refused message (at most once a minute per sender and reason) and returns `status`.
@@ -281,6 +295,19 @@ impl RaftTransport for RaftService {
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftReply>, Status> {
         self.receive_snapshot(request.into_inner()).await
+    }
+
+    async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        self.admit_peer(request.get_ref().header.as_ref(), "ping")?;
+        Ok(Response::new(PingReply {
+            boot_id: self.node.boot_id(),
+            leading: self
+                .node
+                .local_shards()
+                .filter(|shard| shard.is_leader())
+                .map(Shard::id)
+                .collect(),
+        }))
     }
 }
 

@@ -176,6 +176,34 @@ impl Cluster {
         }
     }
 
+    /// Waits until every replica on every running node reports its group hibernating.
+    pub async fn wait_all_hibernating(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut awake = Vec::new();
+            for id in self.alive() {
+                match self.status(id).await {
+                    Some(s) => awake.extend(
+                        s.shards
+                            .iter()
+                            .filter(|v| !v.role.is_empty() && !v.hibernating)
+                            .map(|v| format!("n{id}/shard {} ({})", v.shard, v.role)),
+                    ),
+                    None => awake.push(format!("n{id} (no status)")),
+                }
+            }
+            if awake.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replicas still awake after {timeout:?}: {awake:?}\n{}",
+                self.all_logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn shard_of(&self, key: &[u8]) -> u64 {
         self.ring.shard_for(key)
     }

@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// majorities-ring, bridge, primaries, oneway.
     #[arg(long, value_delimiter = ',')]
     partitions: Vec<Shape>,
+    /// The nodes' idle time in milliseconds before a shard group hibernates (0: never); short
+    /// by default so groups sleep and wake all through the run.
+    #[arg(long, default_value_t = RunOptions::default().hibernate_after_ms)]
+    hibernate_after_ms: u64,
     /// Mean time a fault is held, and between faults of one family (each ±50%).
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
     interval: Duration,
@@ -172,6 +176,7 @@ fn run_command(args: RunArgs) -> ExitCode {
         out: args.out.clone(),
         base_port: args.base_port,
         planted_bug: args.planted_bug.clone(),
+        hibernate_after_ms: args.hibernate_after_ms,
         ..RunOptions::default()
     };
     let runtime = match tokio::runtime::Runtime::new() {

@@ -352,10 +352,13 @@ fn status_table(first: &ClusterStatus, views: &BTreeMap<u64, Option<ClusterStatu
         first.replication_factor,
     );
     for (id, addr) in &first.nodes {
-        let state = if views.get(id).is_some_and(Option::is_some) {
-            "up"
-        } else {
-            "down"
+        let state = match views.get(id) {
+            Some(Some(view)) => {
+                let hosted = view.shards.iter().filter(|s| !s.role.is_empty()).count();
+                let asleep = view.shards.iter().filter(|s| s.hibernating).count();
+                format!("up, {asleep} of {hosted} replicas hibernating")
+            }
+            _ => "down".to_string(),
         };
         out.push_str(&format!("  n{id} {addr} {state}\n"));
     }
@@ -466,6 +469,7 @@ mod tests {
             commit_index: commit,
             applied_index: commit,
             role: role.into(),
+            hibernating: role == "follower",
         };
         let view = |node, s: ShardStatus| ClusterStatus {
             node,
@@ -484,6 +488,10 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("n3 127.0.0.1:7003 down"), "{table}");
+        assert!(
+            table.contains("n2 127.0.0.1:7002 up, 1 of 1 replicas hibernating"),
+            "{table}"
+        );
         let row = table.lines().find(|l| l.starts_with("0 ")).unwrap();
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cells, ["0", "n1,n2,n3", "n1", "4", "10/10*", "9/9", "down"]);

@@ -1,0 +1,598 @@
+//! Hibernation of idle shard groups: node-level liveness (one ping per peer per heartbeat
+//! interval) and the rules that switch a group's Raft timers off while nothing can need them.
+//!
+//! # Why
+//!
+//! An idle Raft group is not free. openraft wakes every replica's core at every tick (about
+//! `heartbeat_interval × 13/64`, so ~20 times a second at 250 ms), and a leader sends each
+//! follower a heartbeat every interval. With 256 shards on three nodes that is about 15,000
+//! wake-ups and 2,000 RPCs a second per node with no client at all: a quarter of a core,
+//! measured. TiKV hibernates idle regions and CockroachDB quiesces idle ranges for the same
+//! reason; kvnode does what they do.
+//!
+//! # The rules
+//!
+//! One task per node evaluates them every heartbeat interval.
+//!
+//! - **Liveness.** The task pings every peer (`Ping` on the peer transport, over the same
+//!   channel as Raft traffic, so a partition cuts both alike). A reply carries the peer's boot
+//!   id and the shards whose group it leads at that moment.
+//! - **A leader hibernates** its group (openraft's tick off: no heartbeats, no timers) when
+//!   there was no write and no quorum read for `hibernate_after_ms`, the log is committed and
+//!   applied and every other replica has acknowledged all of it, and every other replica's node
+//!   answered a ping within the last two heartbeat intervals. It wakes on the next write or
+//!   quorum read ([`Activity::touch`]), when a replica's node misses two pings, and when one
+//!   comes back (answers again, or answers with a new boot id): then it also sends a heartbeat
+//!   at once and stays awake for `hibernate_after_ms`, so a restarted follower hears from its
+//!   leader before its own election timer fires.
+//! - **A follower hibernates** while the leader it knows answered a ping within the election
+//!   timeout (the minimum plus a fixed per-shard, per-node jitter inside the election timeout
+//!   range, which plays the part of Raft's randomized timeout) and listed the shard among those
+//!   it leads. Otherwise its timers run; having heard no heartbeat for long, it campaigns at
+//!   its next tick, with pre-vote, so a leader that a quorum still follows is not disrupted.
+//! - Every other replica (a candidate, one that knows no leader) keeps its timers on.
+//!
+//! # Why this is safe
+//!
+//! Raft's safety never depends on timers; they only decide when elections and heartbeats
+//! happen. The read levels that use time are unaffected. A leader's lease is renewed only by
+//! quorum acknowledgements, which stop with the heartbeats, so a hibernated leader's lease
+//! lapses and a lease read runs a quorum round first (which also wakes the group). A
+//! follower's bounded-staleness proofs come from read-index rounds ([`crate::read_index`]),
+//! not from heartbeats. What hibernation changes is failure detection: from per-group
+//! heartbeats to per-node pings, with the same timeouts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use openraft::async_runtime::watch::WatchReceiver;
+
+use crate::config::Config;
+use crate::pb::raft::PingReply;
+use crate::raft::ShardRaft;
+use crate::raft::network::Peers;
+
+/// When a group last saw client traffic, and whether the controller put it to sleep.
+#[derive(Debug)]
+pub struct Activity {
+    epoch: Instant,
+    /// Milliseconds after `epoch` of the last write or quorum read.
+    last_ms: AtomicU64,
+    hibernating: AtomicBool,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            hibernating: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Activity {
+    /// Records client traffic now. Returns true if the group was hibernating: the caller must
+    /// turn its timers back on.
+    pub fn touch(&self) -> bool {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+        self.hibernating.load(Ordering::Relaxed) && self.hibernating.swap(false, Ordering::AcqRel)
+    }
+
+    /// How long ago the last traffic was (counting from creation if there was none).
+    pub fn idle_for(&self, now: Instant) -> Duration {
+        let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        now.saturating_duration_since(last)
+    }
+
+    /// True while the controller keeps this replica's timers off.
+    pub fn is_hibernating(&self) -> bool {
+        self.hibernating.load(Ordering::Relaxed)
+    }
+
+    fn set_hibernating(&self, sleeping: bool) {
+        self.hibernating.store(sleeping, Ordering::Release);
+    }
+}
+
+/// A random id for this process start, so peers can tell a restart from a slow reply.
+pub fn new_boot_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    mix(nanos ^ (u64::from(std::process::id()) << 32))
+}
+
+/// splitmix64's finalizer: spreads the bits of `x`.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The timeouts the rules use, derived from the node's [`Config`].
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// How often the controller runs and pings (the heartbeat interval).
+    pub interval: Duration,
+    /// Idle time before a leader hibernates its group.
+    pub hibernate_after: Duration,
+    /// A replica's node silent for this long keeps its leader's groups awake (two intervals).
+    pub suspect_after: Duration,
+    /// A leader's node silent for this long (plus jitter) wakes its followers' timers.
+    pub leader_silent_after: Duration,
+    /// The width of the election timeout range, for the per-shard jitter.
+    pub jitter: Duration,
+}
+
+impl Timeouts {
+    /// The timeouts of `config`, or `None` if it never hibernates.
+    pub fn of(config: &Config) -> Option<Timeouts> {
+        if config.hibernate_after_ms == 0 {
+            return None;
+        }
+        let interval = Duration::from_millis(config.heartbeat_interval_ms);
+        Some(Timeouts {
+            interval,
+            hibernate_after: Duration::from_millis(config.hibernate_after_ms),
+            suspect_after: 2 * interval,
+            leader_silent_after: Duration::from_millis(config.election_timeout_min_ms),
+            jitter: Duration::from_millis(
+                config.election_timeout_max_ms - config.election_timeout_min_ms,
+            ),
+        })
+    }
+
+    /// The follower's patience with a silent leader for `shard` on node `me`: the election
+    /// timeout minimum plus a jitter fixed per (node, shard), so the followers of a group that
+    /// lost its leader do not all campaign at the same instant.
+    fn leader_patience(&self, me: u64, shard: u64) -> Duration {
+        let range = self.jitter.as_millis() as u64 + 1;
+        self.leader_silent_after + Duration::from_millis(mix(me.rotate_left(32) ^ shard) % range)
+    }
+}
+
+/// What the controller knows of one peer node.
+#[derive(Debug, Default, Clone)]
+pub struct PeerLiveness {
+    /// When it last answered a ping.
+    pub last_answer: Option<Instant>,
+    /// Its boot id in that answer.
+    pub boot_id: Option<u64>,
+    /// The shards it led at that answer.
+    pub leading: BTreeSet<u64>,
+}
+
+/// Every peer's liveness, as the controller's pings found it.
+#[derive(Debug, Default, Clone)]
+pub struct Liveness {
+    peers: BTreeMap<u64, PeerLiveness>,
+}
+
+impl Liveness {
+    /// Records a ping's outcome at `now`. Returns true if the peer came back: it answered
+    /// after being silent for `suspect_after` (or never having answered), or with a new boot id.
+    pub fn record(
+        &mut self,
+        node: u64,
+        now: Instant,
+        answer: Option<PingReply>,
+        suspect_after: Duration,
+    ) -> bool {
+        let peer = self.peers.entry(node).or_default();
+        let Some(reply) = answer else {
+            return false;
+        };
+        let was_silent = peer
+            .last_answer
+            .is_none_or(|t| now.saturating_duration_since(t) > suspect_after);
+        let restarted = peer.boot_id.is_some_and(|b| b != reply.boot_id);
+        peer.last_answer = Some(now);
+        peer.boot_id = Some(reply.boot_id);
+        peer.leading = reply.leading.into_iter().collect();
+        was_silent || restarted
+    }
+
+    /// True if `node` answered within `within` of `now`.
+    pub fn answered_within(&self, node: u64, now: Instant, within: Duration) -> bool {
+        self.peers
+            .get(&node)
+            .and_then(|p| p.last_answer)
+            .is_some_and(|t| now.saturating_duration_since(t) <= within)
+    }
+
+    /// True if `node`'s last answer listed `shard` among the shards it leads.
+    pub fn leads(&self, node: u64, shard: u64) -> bool {
+        self.peers
+            .get(&node)
+            .is_some_and(|p| p.leading.contains(&shard))
+    }
+}
+
+/// A replica's role and progress, as the rules need them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupState {
+    /// This replica leads.
+    Leader {
+        /// The other replicas.
+        others: Vec<u64>,
+        /// The log is committed and applied here, and every other replica acknowledged all
+        /// of it.
+        settled: bool,
+    },
+    /// This replica follows.
+    Follower {
+        /// The leader it knows of, if any.
+        leader: Option<u64>,
+    },
+    /// Campaigning, shutting down, or anything else: timers stay on.
+    Other,
+}
+
+/// What the controller does to a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Timers off.
+    Sleep,
+    /// Timers on.
+    Wake,
+    /// Timers on, a heartbeat now, and count as active (a replica's node came back).
+    WakeAndHeartbeat,
+}
+
+/// One evaluation of the rules: what node `me` knows at `now`.
+#[derive(Debug, Clone, Copy)]
+pub struct Round<'a> {
+    /// This node.
+    pub me: u64,
+    /// When the pings of this round were answered.
+    pub now: Instant,
+    /// Every peer's liveness.
+    pub liveness: &'a Liveness,
+    /// The peers that came back in this round.
+    pub returned: &'a BTreeSet<u64>,
+    /// The timeouts.
+    pub timeouts: &'a Timeouts,
+}
+
+impl Round<'_> {
+    /// The rules of the module doc for this node's replica of `shard`.
+    pub fn decide(&self, shard: u64, state: &GroupState, idle_for: Duration) -> Decision {
+        let (live, now, t) = (self.liveness, self.now, self.timeouts);
+        match state {
+            GroupState::Leader { others, settled } => {
+                if others.iter().any(|o| self.returned.contains(o)) {
+                    return Decision::WakeAndHeartbeat;
+                }
+                let everyone_answers = others
+                    .iter()
+                    .all(|o| live.answered_within(*o, now, t.suspect_after));
+                if *settled && everyone_answers && idle_for >= t.hibernate_after {
+                    Decision::Sleep
+                } else {
+                    Decision::Wake
+                }
+            }
+            GroupState::Follower {
+                leader: Some(leader),
+            } if *leader != self.me => {
+                let patience = t.leader_patience(self.me, shard);
+                if live.answered_within(*leader, now, patience) && live.leads(*leader, shard) {
+                    Decision::Sleep
+                } else {
+                    Decision::Wake
+                }
+            }
+            _ => Decision::Wake,
+        }
+    }
+}
+
+/// The controller's handle on one local replica.
+#[derive(Clone)]
+pub struct Group {
+    /// The shard id.
+    pub shard: u64,
+    /// Its Raft group.
+    pub raft: ShardRaft,
+    /// Its client-traffic record.
+    pub activity: Arc<Activity>,
+}
+
+impl Group {
+    /// The replica's state as the rules need it, from openraft's metrics.
+    fn state(&self, me: u64) -> GroupState {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        match m.state {
+            openraft::ServerState::Leader => {
+                let last = m.last_log_index;
+                let index = |l: &Option<crate::raft::LogId>| l.as_ref().map(|l| l.index());
+                let mut settled =
+                    index(&m.local_committed) == last && index(&m.last_applied) == last;
+                let mut others = Vec::new();
+                if let Some(replication) = &m.replication {
+                    for (node, matched) in replication {
+                        if *node != me {
+                            others.push(*node);
+                            settled &= index(matched) == last;
+                        }
+                    }
+                }
+                GroupState::Leader { others, settled }
+            }
+            openraft::ServerState::Follower | openraft::ServerState::Learner => {
+                GroupState::Follower {
+                    leader: m.current_leader,
+                }
+            }
+            _ => GroupState::Other,
+        }
+    }
+
+    async fn apply(&self, decision: Decision) {
+        let sleeping = decision == Decision::Sleep;
+        if decision == Decision::WakeAndHeartbeat {
+            self.activity.touch();
+        }
+        // Flag first, then timers: a request racing with us turns the timers back on (see
+        // `Activity::touch`); at worst a busy group sleeps until the next evaluation, which
+        // costs nothing but lease renewals (requests never wait for timers).
+        self.activity.set_hibernating(sleeping);
+        self.raft.runtime_config().tick(!sleeping);
+        if decision == Decision::WakeAndHeartbeat {
+            // Best effort: a group that stopped has nothing to send.
+            let _ = self.raft.trigger().heartbeat().await;
+        }
+    }
+}
+
+/// The node's hibernation controller; stops when dropped.
+#[derive(Debug)]
+pub struct Controller {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Controller {
+    /// Starts the controller of node `me` over `groups`, or returns `None` if `config` never
+    /// hibernates. `peers` is `None` for an embedded node (its groups have no other replica).
+    pub fn start(
+        config: &Config,
+        boot_id: u64,
+        peers: Option<Arc<Peers>>,
+        groups: Vec<Group>,
+    ) -> Option<Controller> {
+        let timeouts = Timeouts::of(config)?;
+        let me = config.node_id;
+        let task = tokio::spawn(async move {
+            let mut liveness = Liveness::default();
+            let mut ticker = tokio::time::interval(timeouts.interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut asleep = 0usize;
+            loop {
+                ticker.tick().await;
+                let returned = match &peers {
+                    Some(peers) => ping_all(peers, me, boot_id, &mut liveness, &timeouts).await,
+                    None => BTreeSet::new(),
+                };
+                let round = Round {
+                    me,
+                    now: Instant::now(),
+                    liveness: &liveness,
+                    returned: &returned,
+                    timeouts: &timeouts,
+                };
+                let mut sleeping = 0usize;
+                for group in &groups {
+                    let state = group.state(me);
+                    let idle_for = group.activity.idle_for(round.now);
+                    let decision = round.decide(group.shard, &state, idle_for);
+                    sleeping += usize::from(decision == Decision::Sleep);
+                    group.apply(decision).await;
+                }
+                if sleeping != asleep {
+                    tracing::debug!(
+                        node = me,
+                        hibernating = sleeping,
+                        of = groups.len(),
+                        "hibernation"
+                    );
+                    asleep = sleeping;
+                }
+            }
+        });
+        Some(Controller { task })
+    }
+}
+
+/// Pings every peer at once; records the answers and returns the peers that came back.
+async fn ping_all(
+    peers: &Peers,
+    me: u64,
+    boot_id: u64,
+    liveness: &mut Liveness,
+    timeouts: &Timeouts,
+) -> BTreeSet<u64> {
+    let targets: Vec<u64> = peers.node_ids().filter(|n| *n != me).collect();
+    let answers = join_all(
+        targets
+            .iter()
+            .map(|node| peers.ping(*node, boot_id, timeouts.interval)),
+    )
+    .await;
+    let now = Instant::now();
+    let mut returned = BTreeSet::new();
+    for (node, answer) in targets.into_iter().zip(answers) {
+        if let Err(reason) = &answer {
+            tracing::trace!(node = me, peer = node, %reason, "ping unanswered");
+        }
+        if liveness.record(node, now, answer.ok(), timeouts.suspect_after) {
+            tracing::debug!(
+                node = me,
+                peer = node,
+                "peer answers again: waking its groups"
+            );
+            returned.insert(node);
+        }
+    }
+    returned
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeouts() -> Timeouts {
+        Timeouts::of(&Config::default()).expect("hibernates by default")
+    }
+
+    fn answer(boot_id: u64, leading: &[u64]) -> Option<PingReply> {
+        Some(PingReply {
+            boot_id,
+            leading: leading.to_vec(),
+        })
+    }
+
+    fn leader(others: &[u64], settled: bool) -> GroupState {
+        GroupState::Leader {
+            others: others.to_vec(),
+            settled,
+        }
+    }
+
+    #[test]
+    fn a_settled_idle_leader_whose_replicas_answer_sleeps_and_wakes_for_any_reason_to() {
+        let t = timeouts();
+        let now = Instant::now();
+        let mut live = Liveness::default();
+        live.record(2, now, answer(7, &[]), t.suspect_after);
+        live.record(3, now, answer(8, &[]), t.suspect_after);
+        let none = BTreeSet::new();
+        let idle = t.hibernate_after;
+        let d = |state: &GroupState, idle, live: &Liveness, returned: &BTreeSet<u64>, now| {
+            let round = Round {
+                me: 1,
+                now,
+                liveness: live,
+                returned,
+                timeouts: &t,
+            };
+            round.decide(5, state, idle)
+        };
+        assert_eq!(
+            d(&leader(&[2, 3], true), idle, &live, &none, now),
+            Decision::Sleep
+        );
+        // Recent traffic, an unsettled log, or a silent replica keep it awake.
+        assert_eq!(
+            d(&leader(&[2, 3], true), idle / 2, &live, &none, now),
+            Decision::Wake
+        );
+        assert_eq!(
+            d(&leader(&[2, 3], false), idle, &live, &none, now),
+            Decision::Wake
+        );
+        let later = now + t.suspect_after + Duration::from_millis(1);
+        assert_eq!(
+            d(&leader(&[2, 3], true), idle, &live, &none, later),
+            Decision::Wake
+        );
+        // A replica that comes back gets a heartbeat at once.
+        let back = BTreeSet::from([3]);
+        assert_eq!(
+            d(&leader(&[2, 3], true), idle, &live, &back, now),
+            Decision::WakeAndHeartbeat
+        );
+        // A leader with no other replica (embedded) sleeps once idle and settled.
+        assert_eq!(
+            d(&leader(&[], true), idle, &live, &none, now),
+            Decision::Sleep
+        );
+    }
+
+    #[test]
+    fn a_follower_sleeps_only_while_its_leader_answers_and_says_it_leads() {
+        let t = timeouts();
+        let now = Instant::now();
+        let mut live = Liveness::default();
+        live.record(2, now, answer(7, &[5]), t.suspect_after);
+        let follow = |leader| GroupState::Follower { leader };
+        let none = BTreeSet::new();
+        let d = |state: &GroupState, shard, now| {
+            let round = Round {
+                me: 1,
+                now,
+                liveness: &live,
+                returned: &none,
+                timeouts: &t,
+            };
+            round.decide(shard, state, Duration::ZERO)
+        };
+        assert_eq!(d(&follow(Some(2)), 5, now), Decision::Sleep);
+        // The leader does not list shard 6: it lost or never had that group's leadership.
+        assert_eq!(d(&follow(Some(2)), 6, now), Decision::Wake);
+        // No leader known, or a leader that never answered.
+        assert_eq!(d(&follow(None), 5, now), Decision::Wake);
+        assert_eq!(d(&follow(Some(3)), 5, now), Decision::Wake);
+        // Silent past the whole election range: awake whatever the jitter.
+        let late = now + t.leader_silent_after + t.jitter + Duration::from_millis(1);
+        assert_eq!(d(&follow(Some(2)), 5, late), Decision::Wake);
+        // Within the election timeout minimum it is still trusted.
+        let soon = now + t.leader_silent_after - Duration::from_millis(1);
+        assert_eq!(d(&follow(Some(2)), 5, soon), Decision::Sleep);
+        assert_eq!(d(&GroupState::Other, 5, now), Decision::Wake);
+    }
+
+    #[test]
+    fn the_jitter_spreads_followers_over_the_election_range() {
+        let t = timeouts();
+        let patience: BTreeSet<Duration> =
+            (0..64).map(|shard| t.leader_patience(1, shard)).collect();
+        assert!(patience.len() > 32, "{patience:?}");
+        for p in &patience {
+            assert!(*p >= t.leader_silent_after && *p <= t.leader_silent_after + t.jitter);
+        }
+        assert_ne!(t.leader_patience(1, 9), t.leader_patience(2, 9));
+    }
+
+    #[test]
+    fn a_peer_comes_back_when_it_answers_after_silence_or_with_a_new_boot_id() {
+        let t = timeouts();
+        let now = Instant::now();
+        let mut live = Liveness::default();
+        assert!(
+            live.record(2, now, answer(7, &[]), t.suspect_after),
+            "first answer"
+        );
+        assert!(!live.record(2, now + t.interval, answer(7, &[]), t.suspect_after));
+        assert!(!live.record(2, now + 2 * t.interval, None, t.suspect_after));
+        let after_silence = now + t.interval + t.suspect_after + Duration::from_millis(1);
+        assert!(live.record(2, after_silence, answer(7, &[]), t.suspect_after));
+        assert!(
+            live.record(2, after_silence, answer(9, &[]), t.suspect_after),
+            "restarted"
+        );
+    }
+
+    #[test]
+    fn touch_reports_a_hibernating_group_once() {
+        let a = Activity::default();
+        assert!(!a.touch());
+        a.set_hibernating(true);
+        assert!(a.is_hibernating());
+        assert!(a.touch());
+        assert!(!a.touch());
+        assert!(a.idle_for(Instant::now()) < Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,67 @@
+//! Hibernation (`kvnode::hibernation`) with real processes: idle groups stop their timers on
+//! every replica; a hibernating group serves a linearizable read through a follower and a
+//! write; when the leader of a hibernating group is killed, a follower notices through the
+//! node-level pings and a new leader takes writes; the killed node rejoins and every group
+//! goes back to sleep.
+
+use std::time::Duration;
+
+use super::harness::{Cluster, ELECTION_MAX_MS, HEARTBEAT_MS};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_groups_hibernate_serve_requests_and_fail_over() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.wait_all_shards_led(Duration::from_secs(30)).await;
+    cluster
+        .put_until_ok(1, b"sleepy", b"one", Duration::from_secs(30))
+        .await
+        .expect("first put");
+    cluster.wait_all_hibernating(Duration::from_secs(30)).await;
+
+    // A follower's linearizable read needs a read index from the hibernating leader: the
+    // leader runs a quorum round although its heartbeats are off.
+    let shard = cluster.shard_of(b"sleepy").await;
+    let leader = cluster.leader_of(shard).await.expect("leader");
+    let follower = cluster
+        .replicas(shard)
+        .await
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower");
+    assert_eq!(
+        cluster
+            .get_linearizable(follower, b"sleepy")
+            .await
+            .expect("linearizable read on a hibernating group")
+            .as_deref(),
+        Some(&b"one"[..])
+    );
+    cluster.wait_all_hibernating(Duration::from_secs(30)).await;
+
+    // kill -9 the leader while its group sleeps: no heartbeat will ever be missed, so the
+    // followers must notice through the pings; the same bound as an awake group's failover.
+    cluster.kill(leader);
+    let took = cluster
+        .put_until_ok(follower, b"sleepy", b"two", Duration::from_secs(30))
+        .await
+        .expect("writes resume after the hibernating leader is killed");
+    let bound = Duration::from_millis(3 * (ELECTION_MAX_MS + 2 * HEARTBEAT_MS));
+    println!("hibernating group: leader {leader} of shard {shard} killed; write ok after {took:?}");
+    assert!(took <= bound, "failover took {took:?}, bound {bound:?}");
+
+    // The killed node rejoins, catches up, and the whole cluster falls asleep again.
+    cluster.restart(leader).await;
+    cluster
+        .wait_caught_up(leader, shard, Duration::from_secs(30))
+        .await;
+    cluster.wait_all_hibernating(Duration::from_secs(30)).await;
+    assert_eq!(
+        cluster
+            .get_eventual(leader, b"sleepy")
+            .await
+            .expect("eventual read on the rejoined node")
+            .as_deref(),
+        Some(&b"two"[..])
+    );
+    cluster.stop_all().await;
+}
