@@ -75,6 +75,18 @@
 //! - Reads name a level: linearizable (default), lease, session, bounded staleness, eventual.
 //! - Errors say whether an outcome is definite or indeterminate.
 //!
+//! ## Idle groups hibernate
+//!
+//! One node hosts hundreds of Raft groups, and most are idle most of the time. An idle group
+//! still costs timer wake-ups on every replica and a heartbeat per follower per interval, so
+//! [`hibernation`] turns a group's timers off once it has been idle for `hibernate_after_ms`
+//! with its log settled on every replica, and replaces per-group failure detection with one
+//! node-level ping per peer per heartbeat interval (TiKV's hibernate regions, CockroachDB's
+//! quiescence). A write or quorum read wakes the group; a peer that stops answering, or comes
+//! back, wakes the groups that need it; a follower whose leader's node stops answering (or
+//! stops listing the shard as led) turns its timers back on and campaigns. Timers never carry
+//! safety: a sleeping leader's lease lapses, so lease reads run a quorum round first.
+//!
 //! ## Evidence: the fault tests
 //!
 //! The guarantees above are checked, not assumed: [`jepsen`] runs real processes under
@@ -102,6 +114,7 @@
 //! | [`consistency`] | read levels, receipts, session tokens |
 //! | [`shard`] | one local replica: Raft group, write path, per-level read paths |
 //! | [`read_index`] | coalesced read-index rounds and the freshness proofs bounded reads use |
+//! | [`hibernation`] | idle groups' timers off, node-level pings, the rules that wake them |
 //! | [`router`] | key → shard → local replica |
 //! | [`node`] | composition root and the key-value API: [`Node`] |
 //! | [`reply`] | what the API returns |

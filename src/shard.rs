@@ -7,7 +7,8 @@
 //!
 //! - **linearizable**: a read index from the leader (a coalesced quorum round when this replica
 //!   leads, the `ReadIndex` peer RPC when it follows), then local state once applied that far;
-//! - **lease**: the same without the round trip while the leader's lease holds;
+//! - **lease**: the same without the round trip while the leader's lease holds (a leader whose
+//!   lease lapsed, e.g. after hibernating, runs the round and serves a linearizable read);
 //! - **session**: wait (at most one election timeout) until this replica has applied the
 //!   session token's index for the shard, then local state; else `Unavailable`;
 //! - **bounded staleness**: served locally when this replica's last read-index round (see
@@ -313,10 +314,14 @@ impl Shard {
         }
         match level {
             ReadLevel::Linearizable => self.linearizable(key).await,
-            ReadLevel::Lease => {
-                self.confirm_leadership(ReadPolicy::LeaseRead).await?;
-                self.local(key, ServedLevel::Lease, Staleness::Zero)
-            }
+            ReadLevel::Lease => match self.confirm_leadership(ReadPolicy::LeaseRead).await {
+                Ok(()) => self.local(key, ServedLevel::Lease, Staleness::Zero),
+                // This leader's lease has lapsed (it was hibernating, or was just elected):
+                // confirm leadership with a quorum round instead, which serves a
+                // linearizable read (and the receipt says so).
+                Err(Error::Unavailable { .. }) => self.linearizable(key).await,
+                Err(e) => Err(e),
+            },
             ReadLevel::Session(token) => {
                 let required = token.required(self.id);
                 if required > 0 {

@@ -92,26 +92,12 @@ impl std::fmt::Debug for TreeReader {
 }
 
 impl TreeReader {
-    fn tree(&self) -> sled::Tree {
-        self.tree.read().expect("tree lock poisoned").clone()
-    }
-
     /// Reads a user key.
     pub fn get(&self, key: &[u8]) -> Result<Option<Versioned>> {
-        get_versioned(&self.tree(), key, &self.db_path, self.shard)
-    }
-
-    /// The applied marker of the state being read (read it before the key: the value then
-    /// reflects at least that much of the log).
-    pub fn applied(&self) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .tree()
-            .get(APPLIED_KEY)
-            .map_err(|source| Error::Sled {
-                path: self.db_path.clone(),
-                source,
-            })?
-            .map(|v| v.to_vec()))
+        // Under the read lock rather than on a clone of the tree: no reference-count traffic
+        // on the hot path (a snapshot install waits for the read to finish).
+        let tree = self.tree.read().expect("tree lock poisoned");
+        get_versioned(&tree, key, &self.db_path, self.shard)
     }
 }
 
@@ -121,7 +107,7 @@ fn get_versioned(
     db_path: &Path,
     shard: u64,
 ) -> Result<Option<Versioned>> {
-    let bytes = tree.get(data_key(key)).map_err(|source| Error::Sled {
+    let bytes = with_data_key(key, |k| tree.get(k)).map_err(|source| Error::Sled {
         path: db_path.to_owned(),
         source,
     })?;
@@ -151,6 +137,20 @@ impl std::fmt::Debug for StateTree {
 
 fn tree_name(shard: u64, generation: u64) -> String {
     format!("sm/{shard}/{generation}")
+}
+
+/// Calls `f` with `key`'s key in the tree (see [`data_key`]), built on the stack when short:
+/// every read builds one, and a heap allocation is a good part of a cached read's cost.
+fn with_data_key<R>(key: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
+    const INLINE: usize = 128;
+    if key.len() < INLINE {
+        let mut buf = [0u8; INLINE];
+        buf[0] = DATA_PREFIX;
+        buf[1..=key.len()].copy_from_slice(key);
+        f(&buf[..=key.len()])
+    } else {
+        f(&data_key(key))
+    }
 }
 
 fn data_key(key: &[u8]) -> Vec<u8> {

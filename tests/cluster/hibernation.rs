@@ -1,10 +1,12 @@
 //! Hibernation (`kvnode::hibernation`) with real processes: idle groups stop their timers on
-//! every replica; a hibernating group serves a linearizable read through a follower and a
-//! write; when the leader of a hibernating group is killed, a follower notices through the
+//! every replica; a hibernating group serves a linearizable read through a follower, a lease
+//! read (as a linearizable one: the lease lapsed with the heartbeats) and a write; when the leader of a hibernating group is killed, a follower notices through the
 //! node-level pings and a new leader takes writes; the killed node rejoins and every group
 //! goes back to sleep.
 
 use std::time::Duration;
+
+use kvnode::pb::kv::{ReadLevel, ReadOptions};
 
 use super::harness::{Cluster, ELECTION_MAX_MS, HEARTBEAT_MS};
 
@@ -36,6 +38,24 @@ async fn idle_groups_hibernate_serve_requests_and_fail_over() {
             .as_deref(),
         Some(&b"one"[..])
     );
+    cluster.wait_all_hibernating(Duration::from_secs(30)).await;
+
+    // A lease read on a hibernating leader: its lease lapsed with the heartbeats, so it runs a
+    // quorum round instead and says it served a linearizable read.
+    let lease = cluster
+        .get_with(
+            leader,
+            b"sleepy",
+            ReadOptions {
+                level: ReadLevel::Lease as i32,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("lease read on a hibernating leader");
+    assert_eq!(lease.value.map(|v| v.value).as_deref(), Some(&b"one"[..]));
+    let receipt = lease.receipt.expect("receipt");
+    assert_eq!(receipt.level(), ReadLevel::Linearizable, "{receipt:?}");
     cluster.wait_all_hibernating(Duration::from_secs(30)).await;
 
     // kill -9 the leader while its group sleeps: no heartbeat will ever be missed, so the
