@@ -238,7 +238,7 @@ pub async fn run(options: RunOptions) -> Result<RunSummary, RunError> {
         let schedule = schedule.clone();
         tokio::spawn(async move { nemesis::run(&schedule, context, start).await })
     };
-    let progress = tokio::spawn(progress(recorder.clone(), options.duration));
+    let progress = tokio::spawn(progress(recorder.clone(), probe.clone(), options.duration));
 
     tokio::time::sleep(options.duration).await;
     let _ = stop_tx.send(true);
@@ -395,14 +395,25 @@ fn write_run_json(
     )
 }
 
-/// Progress: a line every 10 s with the counts so far.
-async fn progress(recorder: Arc<Recorder>, duration: Duration) {
+/// Progress: a line every 10 s with the counts so far, and how many replicas of the nodes
+/// that answer are hibernating at that moment (so a run shows groups sleeping and waking
+/// through the faults).
+async fn progress(recorder: Arc<Recorder>, probe: Probe, duration: Duration) {
     let started = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(10)).await;
         let t = recorder.tally();
+        let statuses = probe.statuses().await;
+        let hosted: usize = statuses
+            .values()
+            .map(|s| s.shards.iter().filter(|v| !v.role.is_empty()).count())
+            .sum();
+        let asleep: usize = statuses
+            .values()
+            .map(|s| s.shards.iter().filter(|v| v.hibernating).count())
+            .sum();
         eprintln!(
-            "jepsen: {:>4.0}/{} s · {} ok, {} fail, {} info · {} faults so far",
+            "jepsen: {:>4.0}/{} s · {} ok, {} fail, {} info · {} faults so far · {asleep}/{hosted} replicas hibernating",
             started.elapsed().as_secs_f64(),
             duration.as_secs(),
             t.ok,
