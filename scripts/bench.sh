@@ -18,6 +18,8 @@
 # target/bench/run-<time>/: one JSON result per run, machine.txt, cpu.txt (the servers' CPU use
 # per run), bench.md, bench.svg and the servers' logs (the data directories are deleted at the
 # end unless KEEP_DATA=1).
+# KVNODE_BIN_DIR=DIR measures the kvnode and kvctl binaries in DIR instead of building this
+# checkout, to compare two builds back to back.
 #
 # Installs Debian's etcd-server with apt-get if `etcd` is missing (needs root). Ports: kvnode
 # 23101-23103, etcd clients 23791-23793, etcd peers 23801-23803. Both clusters are stopped on
@@ -64,16 +66,25 @@ fi
 ETCD_VERSION=$(etcd --version 2>/dev/null | sed -n 's/^etcd Version: //p')
 
 # --- build --------------------------------------------------------------------------------
-cargo build --release --locked --quiet --bin kvnode --bin kvctl
-KVCTL="${CARGO_TARGET_DIR:-target}/release/kvctl"
-KVNODE="${CARGO_TARGET_DIR:-target}/release/kvnode"
+# KVNODE_BIN_DIR: measure the kvnode and kvctl binaries found there instead of building
+# this checkout (to compare two builds in one session).
+if [ -n "${KVNODE_BIN_DIR:-}" ]; then
+  KVCTL="$KVNODE_BIN_DIR/kvctl"
+  KVNODE="$KVNODE_BIN_DIR/kvnode"
+  BUILD="binaries from $KVNODE_BIN_DIR"
+else
+  cargo build --release --locked --quiet --bin kvnode --bin kvctl
+  KVCTL="${CARGO_TARGET_DIR:-target}/release/kvctl"
+  KVNODE="${CARGO_TARGET_DIR:-target}/release/kvnode"
+  BUILD=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
+fi
 
 STAMP=$(date +%Y%m%d-%H%M%S)
 RUN=target/bench/run-$STAMP
 mkdir -p "$RUN/logs"
 
 CPU_MODEL=$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//')
-MACHINE="$(nproc) CPUs (${CPU_MODEL:-unknown CPU}), Linux $(uname -r), etcd ${ETCD_VERSION:-?}, kvnode $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+MACHINE="$(nproc) CPUs (${CPU_MODEL:-unknown CPU}), Linux $(uname -r), etcd ${ETCD_VERSION:-?}, kvnode $BUILD"
 echo "$MACHINE" >"$RUN/machine.txt"
 echo "machine: $MACHINE"
 echo "run folder: $RUN"

@@ -42,9 +42,10 @@ pub struct Config {
     /// Largest value accepted, in bytes. Every value is held in memory while it is replicated
     /// and applied. Default 1 MiB.
     pub max_value_bytes: usize,
-    /// Interval between a leader's heartbeats to each follower, in milliseconds. Each shard
-    /// led sends one per follower per interval: 256 shards × 2 followers at 250 ms is about
-    /// 2,000 messages a second. openraft also uses it as the deadline of an append, so keep it
+    /// Interval between a leader's heartbeats to each follower, in milliseconds. Each awake
+    /// shard group sends one per follower per interval (256 busy shards × 2 followers at 250 ms
+    /// is about 2,000 messages a second; hibernating groups send none), and the node pings each
+    /// peer once per interval. openraft also uses it as the deadline of an append, so keep it
     /// well above a follower's fsync latency. Default 250.
     pub heartbeat_interval_ms: u64,
     /// Election timeout range, in milliseconds: a follower that hears nothing from its leader

@@ -20,6 +20,13 @@ pub const HEARTBEAT_MS: u64 = 100;
 pub const ELECTION_MIN_MS: u64 = 500;
 pub const ELECTION_MAX_MS: u64 = 1000;
 
+/// How long writes to a shard may stay unavailable after its leader is killed: an election
+/// takes at most `ELECTION_MAX_MS` after the last heartbeat (or ping), plus a vote round;
+/// 3× that for a loaded 2-core CI machine.
+pub fn failover_bound() -> std::time::Duration {
+    std::time::Duration::from_millis(3 * (ELECTION_MAX_MS + 2 * HEARTBEAT_MS))
+}
+
 struct Proc {
     child: Option<Child>,
     addr: String,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kvnode::pb::kv::{ReadLevel, ReadOptions};
 
-use super::harness::{Cluster, ELECTION_MAX_MS, HEARTBEAT_MS};
+use super::harness::{Cluster, failover_bound};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_groups_hibernate_serve_requests_and_fail_over() {
@@ -65,7 +65,7 @@ async fn idle_groups_hibernate_serve_requests_and_fail_over() {
         .put_until_ok(follower, b"sleepy", b"two", Duration::from_secs(30))
         .await
         .expect("writes resume after the hibernating leader is killed");
-    let bound = Duration::from_millis(3 * (ELECTION_MAX_MS + 2 * HEARTBEAT_MS));
+    let bound = failover_bound();
     println!("hibernating group: leader {leader} of shard {shard} killed; write ok after {took:?}");
     assert!(took <= bound, "failover took {took:?}, bound {bound:?}");
 
