@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kvnode::pb::kv::{ReadLevel, ReadOptions};
 
-use super::harness::{Cluster, failover_bound};
+use super::harness::{Cluster, ELECTION_MAX_MS, failover_bound};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_groups_hibernate_serve_requests_and_fail_over() {
@@ -40,8 +40,10 @@ async fn idle_groups_hibernate_serve_requests_and_fail_over() {
     );
     cluster.wait_all_hibernating(Duration::from_secs(30)).await;
 
-    // A lease read on a hibernating leader: its lease lapsed with the heartbeats, so it runs a
-    // quorum round instead and says it served a linearizable read.
+    // A lease read on a hibernating leader once its lease (the election timeout maximum from
+    // the last heartbeat acknowledged) has lapsed: it runs a quorum round instead and says it
+    // served a linearizable read.
+    tokio::time::sleep(Duration::from_millis(ELECTION_MAX_MS + 500)).await;
     let lease = cluster
         .get_with(
             leader,
