@@ -15,19 +15,6 @@ const BOUND_MS: u64 = 1000;
 /// How long a follower stays stopped: longer than the bound.
 const PAUSE: Duration = Duration::from_millis(1500);
 
-/// A key's shard, its leader and one follower of it.
-async fn leader_and_follower(cluster: &Cluster, key: &[u8]) -> (u64, u64, u64) {
-    let shard = cluster.shard_of(key).await;
-    let leader = cluster.leader_of(shard).await.expect("a leader");
-    let replicas = cluster.replicas(shard).await;
-    assert_eq!(replicas.len(), 3, "shard {shard} replicas {replicas:?}");
-    let follower = replicas
-        .into_iter()
-        .find(|r| *r != leader)
-        .expect("a follower");
-    (shard, leader, follower)
-}
-
 /// Puts through `node` until it succeeds; the write's log index.
 async fn put_acked(cluster: &Cluster, node: u64, key: &[u8], value: &[u8]) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -202,7 +189,7 @@ async fn a_paused_follower_does_not_serve_a_bounded_read_older_than_its_bound() 
     let mut cluster = Cluster::start(3).await;
     cluster.wait_all_shards_led(Duration::from_secs(30)).await;
     let key = b"bounded-after-pause";
-    let (shard, leader, follower) = leader_and_follower(&cluster, key).await;
+    let (shard, leader, follower) = cluster.leader_and_follower(key).await;
     println!("shard {shard}: leader {leader}, paused follower {follower}");
 
     put_acked(&cluster, leader, key, b"v1").await;
@@ -298,7 +285,7 @@ async fn a_restarted_replica_does_not_serve_a_session_read_older_than_the_token(
     let mut cluster = Cluster::start(3).await;
     cluster.wait_all_shards_led(Duration::from_secs(30)).await;
     let key = b"session-after-restart";
-    let (shard, leader, follower) = leader_and_follower(&cluster, key).await;
+    let (shard, leader, follower) = cluster.leader_and_follower(key).await;
     let other = (1..=3).find(|n| *n != leader && *n != follower).unwrap();
     println!("shard {shard}: leader {leader}, restarted follower {follower}");
 
@@ -412,7 +399,7 @@ async fn eventual_reads_on_a_paused_and_resumed_follower_say_how_stale_they_may_
     let mut cluster = Cluster::start(3).await;
     cluster.wait_all_shards_led(Duration::from_secs(30)).await;
     let key = b"eventual-after-pause";
-    let (shard, leader, follower) = leader_and_follower(&cluster, key).await;
+    let (shard, leader, follower) = cluster.leader_and_follower(key).await;
     println!("shard {shard}: leader {leader}, paused follower {follower}");
 
     put_acked(&cluster, leader, key, b"v1").await;

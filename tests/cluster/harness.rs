@@ -229,6 +229,19 @@ impl Cluster {
         None
     }
 
+    /// A key's shard, its leader and one follower of it.
+    pub async fn leader_and_follower(&self, key: &[u8]) -> (u64, u64, u64) {
+        let shard = self.shard_of(key).await;
+        let leader = self.leader_of(shard).await.expect("a leader");
+        let replicas = self.replicas(shard).await;
+        assert_eq!(replicas.len(), 3, "shard {shard} replicas {replicas:?}");
+        let follower = replicas
+            .into_iter()
+            .find(|r| *r != leader)
+            .expect("a follower");
+        (shard, leader, follower)
+    }
+
     pub async fn replicas(&self, shard: u64) -> Vec<u64> {
         for id in self.alive() {
             if let Some(s) = self.status(id).await {

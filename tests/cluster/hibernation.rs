@@ -1,8 +1,8 @@
 //! Hibernation (`kvnode::hibernation`) with real processes: idle groups stop their timers on
 //! every replica; a hibernating group serves a linearizable read through a follower, a lease
-//! read (as a linearizable one: the lease lapsed with the heartbeats) and a write; when the leader of a hibernating group is killed, a follower notices through the
-//! node-level pings and a new leader takes writes; the killed node rejoins and every group
-//! goes back to sleep.
+//! read (as a linearizable one once the lease lapsed) and a write; when the leader of a
+//! hibernating group is killed, a follower notices through the node-level pings and a new
+//! leader takes writes; the killed node rejoins and every group goes back to sleep.
 
 use std::time::Duration;
 
@@ -22,14 +22,7 @@ async fn idle_groups_hibernate_serve_requests_and_fail_over() {
 
     // A follower's linearizable read needs a read index from the hibernating leader: the
     // leader runs a quorum round although its heartbeats are off.
-    let shard = cluster.shard_of(b"sleepy").await;
-    let leader = cluster.leader_of(shard).await.expect("leader");
-    let follower = cluster
-        .replicas(shard)
-        .await
-        .into_iter()
-        .find(|n| *n != leader)
-        .expect("a follower");
+    let (shard, leader, follower) = cluster.leader_and_follower(b"sleepy").await;
     assert_eq!(
         cluster
             .get_linearizable(follower, b"sleepy")

@@ -110,14 +110,7 @@ async fn a_python_grpc_client_puts_and_gets_through_a_follower() {
     };
     let mut cluster = Cluster::start(3).await;
     cluster.wait_all_shards_led(Duration::from_secs(30)).await;
-    let shard = cluster.shard_of(b"py-key").await;
-    let leader = cluster.leader_of(shard).await.unwrap();
-    let follower = cluster
-        .replicas(shard)
-        .await
-        .into_iter()
-        .find(|n| *n != leader)
-        .expect("a follower");
+    let (_, leader, follower) = cluster.leader_and_follower(b"py-key").await;
     let out = python::run_client(&python, &cluster.addr(follower), "py-key", "from-python");
     assert!(
         out.contains("put ok") && out.contains("get from-python"),
