@@ -22,7 +22,7 @@
 //!   there was no write and no quorum read for `hibernate_after_ms`, the log is committed and
 //!   applied and every other replica has acknowledged all of it, and every other replica's node
 //!   answered a ping within the last two heartbeat intervals. It wakes on the next write or
-//!   quorum read ([`Activity::touch`]), when a replica's node misses two pings, and when one
+//!   quorum read ([`Activity::wake`]), when a replica's node misses two pings, and when one
 //!   comes back (answers again, or answers with a new boot id): then it also sends a heartbeat
 //!   at once and stays awake for `hibernate_after_ms`, so a restarted follower hears from its
 //!   leader before its own election timer fires.
@@ -38,9 +38,11 @@
 //! Raft's safety never depends on timers; they only decide when elections and heartbeats
 //! happen. The read levels that use time are unaffected. A leader's lease is renewed only by
 //! quorum acknowledgements, which stop with the heartbeats, so a hibernated leader's lease
-//! lapses and a lease read runs a quorum round first (which also wakes the group). A
-//! follower's bounded-staleness proofs come from read-index rounds ([`crate::read_index`]),
-//! not from heartbeats. What hibernation changes is failure detection: from per-group
+//! lapses: a lease read then runs a quorum round and is served as linearizable, and since
+//! openraft refuses writes on a leader whose lease lapsed, a write renews the lease with a
+//! quorum round before it is proposed (one round trip on the first request after an idle
+//! spell; `Shard::write`). A follower's bounded-staleness proofs come from read-index rounds
+//! ([`crate::read_index`]), not from heartbeats. What hibernation changes is failure detection: from per-group
 //! heartbeats to per-node pings, with the same timeouts.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -76,11 +78,17 @@ impl Default for Activity {
 }
 
 impl Activity {
-    /// Records client traffic now. Returns true if the group was hibernating: the caller must
-    /// turn its timers back on.
-    pub fn touch(&self) -> bool {
+    /// Records client traffic now.
+    pub fn touch(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Marks the group awake. Returns true if it was hibernating: the caller must turn its
+    /// timers back on. Only a leader's group is woken this way; a follower's timers are the
+    /// controller's alone (woken early, a follower that has heard no heartbeat for long would
+    /// campaign against a healthy leader).
+    pub fn wake(&self) -> bool {
         self.hibernating.load(Ordering::Relaxed) && self.hibernating.swap(false, Ordering::AcqRel)
     }
 
@@ -587,13 +595,17 @@ mod tests {
     }
 
     #[test]
-    fn touch_reports_a_hibernating_group_once() {
+    fn wake_reports_a_hibernating_group_once_and_touch_resets_the_idle_time() {
         let a = Activity::default();
-        assert!(!a.touch());
+        assert!(!a.wake());
         a.set_hibernating(true);
         assert!(a.is_hibernating());
-        assert!(a.touch());
-        assert!(!a.touch());
+        assert!(a.wake());
+        assert!(!a.wake());
+        assert!(!a.is_hibernating());
+        let later = Instant::now() + Duration::from_secs(5);
+        assert!(a.idle_for(later) >= Duration::from_secs(5));
+        a.touch();
         assert!(a.idle_for(Instant::now()) < Duration::from_secs(1));
     }
 }

@@ -77,6 +77,10 @@ pub struct Shard {
     freshness: Freshness,
     /// Client traffic, for hibernation (see [`crate::hibernation`]).
     activity: Arc<Activity>,
+    /// A leader's lease (openraft's: the election timeout maximum after a quorum
+    /// acknowledgement), less one heartbeat interval of margin: past it, a write renews the
+    /// lease first (see [`Shard::renew_lapsed_lease`]).
+    lease_renew_after: Duration,
     /// Logs every leadership change of the group (kept alive with the shard).
     _leader_log: openraft::WatchChangeHandle<TypeConfig>,
 }
@@ -166,6 +170,11 @@ impl Shard {
             rounds: Rounds::default(),
             freshness: Freshness::default(),
             activity: Arc::new(Activity::default()),
+            lease_renew_after: Duration::from_millis(
+                config
+                    .election_timeout_max_ms
+                    .saturating_sub(config.heartbeat_interval_ms),
+            ),
             _leader_log: leader_log,
         })
     }
@@ -214,9 +223,12 @@ impl Shard {
     }
 
     /// Records client traffic that needs the leader's timers (a write or a quorum read), and
-    /// wakes the group if it was hibernating.
+    /// wakes the group if it was hibernating and this replica leads it. A follower stays as the
+    /// hibernation controller set it: its timers would only start an election (the request
+    /// itself is forwarded to the leader, which wakes there).
     fn note_activity(&self) {
-        if self.activity.touch() {
+        self.activity.touch();
+        if self.activity.is_hibernating() && self.is_leader() && self.activity.wake() {
             self.raft.runtime_config().tick(true);
         }
     }
@@ -272,12 +284,33 @@ impl Shard {
             return planted;
         }
         self.note_activity();
+        self.renew_lapsed_lease().await?;
         let written = tokio::time::timeout(self.timeout, self.raft.client_write(command)).await;
         match written {
             Err(_) => Err(self.timeout_error("write", true)),
             Ok(Ok(reply)) => Ok((reply.data, reply.log_id.index())),
             Ok(Err(e)) => Err(self.write_error(e)),
         }
+    }
+
+    /// openraft refuses writes on a leader whose lease has lapsed (`ForwardReason::LeaseExpired`),
+    /// as it has after hibernating: no heartbeats, so no quorum acknowledgements. Renews it
+    /// first with a quorum round, shared with concurrent reads and writes. Nothing is proposed
+    /// before, so a failure here is definite.
+    async fn renew_lapsed_lease(&self) -> Result<()> {
+        let lapsed = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            m.state == openraft::ServerState::Leader
+                && m.membership_config.voter_ids().nth(1).is_some()
+                && m.last_quorum_acked.as_ref().is_none_or(|acked| {
+                    openraft::Instant::elapsed(&**acked) >= self.lease_renew_after
+                })
+        };
+        if lapsed {
+            self.leader_read_index().await?;
+        }
+        Ok(())
     }
 
     /// Maps a failed `client_write` to the public error.

@@ -355,12 +355,19 @@ impl StateTree {
 mod tests {
     use super::*;
 
+    /// Opens sled at `dir`. A reopen retries for a while: the previous instance's background
+    /// flusher can hold the directory's lock a moment after the `Db` is dropped.
     fn db(dir: &Path) -> sled::Db {
-        sled::Config::new()
-            .path(dir)
-            .cache_capacity(8 << 20)
-            .open()
-            .unwrap()
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match sled::Config::new().path(dir).cache_capacity(8 << 20).open() {
+                Ok(db) => return db,
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    panic!("opening sled at {}: {e}", dir.display())
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
     }
 
     fn v(version: u64, value: &str) -> Versioned {

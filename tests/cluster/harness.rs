@@ -473,7 +473,7 @@ impl Cluster {
         )
     }
 
-    fn all_logs(&self) -> String {
+    pub fn all_logs(&self) -> String {
         self.nodes
             .keys()
             .map(|id| self.log_tail(*id))

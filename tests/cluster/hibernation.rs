@@ -1,12 +1,13 @@
 //! Hibernation (`kvnode::hibernation`) with real processes: idle groups stop their timers on
 //! every replica; a hibernating group serves a linearizable read through a follower, a lease
-//! read (as a linearizable one once the lease lapsed) and a write; when the leader of a
+//! read and a write once the leader's lease lapsed (the read served as linearizable, the
+//! write after a quorum round renews the lease), without any election; when the leader of a
 //! hibernating group is killed, a follower notices through the node-level pings and a new
 //! leader takes writes; the killed node rejoins and every group goes back to sleep.
 
 use std::time::Duration;
 
-use kvnode::pb::kv::{ReadLevel, ReadOptions};
+use kvnode::pb::kv::{ReadLevel, ReadOptions, StatusResponse};
 
 use super::harness::{Cluster, ELECTION_MAX_MS, failover_bound};
 
@@ -51,6 +52,27 @@ async fn idle_groups_hibernate_serve_requests_and_fail_over() {
     assert_eq!(lease.value.map(|v| v.value).as_deref(), Some(&b"one"[..]));
     let receipt = lease.receipt.expect("receipt");
     assert_eq!(receipt.level(), ReadLevel::Linearizable, "{receipt:?}");
+    cluster.wait_all_hibernating(Duration::from_secs(30)).await;
+
+    // A write through a follower once the sleeping leader's lease has lapsed: openraft refuses
+    // writes on such a leader, so it renews the lease with a quorum round first and the write
+    // succeeds; only the leader wakes, so nobody campaigns (same leader, same term).
+    tokio::time::sleep(Duration::from_millis(ELECTION_MAX_MS + 500)).await;
+    let term = |status: Option<StatusResponse>| {
+        status
+            .and_then(|s| s.shards.into_iter().find(|v| v.shard == shard))
+            .map(|v| v.term)
+    };
+    let term_before = term(cluster.status(leader).await);
+    if let Err(e) = cluster.put(follower, b"sleepy", b"one").await {
+        panic!(
+            "put through a follower of a hibernating group: {e:?}\n{}",
+            cluster.all_logs()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(ELECTION_MAX_MS)).await;
+    assert_eq!(cluster.leader_of(shard).await, Some(leader));
+    assert_eq!(term(cluster.status(leader).await), term_before);
     cluster.wait_all_hibernating(Duration::from_secs(30)).await;
 
     // kill -9 the leader while its group sleeps: no heartbeat will ever be missed, so the
