@@ -349,9 +349,9 @@ impl Group {
         if decision == Decision::WakeAndHeartbeat {
             self.activity.touch();
         }
-        // Flag first, then timers: a request racing with us turns the timers back on (see
-        // `Activity::touch`); at worst a busy group sleeps until the next evaluation, which
-        // costs nothing but lease renewals (requests never wait for timers).
+        // Flag first, then timers: a request racing with us turns the leader's timers back on
+        // (see `Activity::wake`); at worst a busy group sleeps until the next evaluation, which
+        // costs nothing but a lease renewal (requests never wait for timers).
         self.activity.set_hibernating(sleeping);
         self.raft.runtime_config().tick(!sleeping);
         if decision == Decision::WakeAndHeartbeat {
