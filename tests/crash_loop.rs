@@ -10,12 +10,13 @@
 //! - nothing was invented: the log holds exactly the entries the child wrote, contiguous, and
 //!   ends no further than the child announced before appending;
 //! - each state machine resumes at or below the log's end (and at or above its purge point),
-//!   and catches up to a state equal to a model computed from the log.
+//!   and catches up to a state equal to a model computed from the log (its puts, deletes and
+//!   compare-and-sets decided again by a plain map).
 //!
 //! Everything random comes from one master seed, printed at the start; replay a failure with
 //! `KVNODE_CRASH_SEED=<seed> cargo test --test crash_loop -- --nocapture`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
@@ -70,15 +71,27 @@ fn value_of(shard: u64, index: u64) -> Vec<u8> {
     format!("s{shard}-i{index}").into_bytes()
 }
 
-/// The only entry the child ever writes at `(shard, index)`.
+/// The only entry the child ever writes at `(shard, index)`: mostly puts, with deletes and
+/// compare-and-sets (some conditional deletes) whose outcome depends on the key's history, so
+/// that a replay after a crash that decided an entry against a later state would show.
 fn expected_entry(shard: u64, index: u64) -> Entry {
-    normal_entry(
-        log_id(1, 1, index),
+    let key = key_of(index);
+    let command = if index.is_multiple_of(7) {
+        Command::Delete { key }
+    } else if index.is_multiple_of(3) {
+        // Matches if the key's previous entry (KEYS back) set it.
+        Command::CompareAndSet {
+            key,
+            expected: index.checked_sub(KEYS).map(|i| value_of(shard, i)),
+            new: (index % 2 == 1).then(|| value_of(shard, index)),
+        }
+    } else {
         Command::Put {
-            key: key_of(index),
+            key,
             value: value_of(shard, index),
-        },
-    )
+        }
+    };
+    normal_entry(log_id(1, 1, index), command)
 }
 
 fn index_of(id: Option<&LogId>) -> u64 {
@@ -393,13 +406,31 @@ struct ShardFound {
     entries_checked: u64,
 }
 
-/// The newest index `<= end` that wrote key `k{key}`, if any.
-fn model_version(key: u64, end: u64) -> Option<u64> {
-    if end < key {
-        return None;
+/// Every key's (version, value) after entries `1..=end` of `shard`, decided by a plain map.
+fn model_state(shard: u64, end: u64) -> HashMap<Vec<u8>, (u64, Vec<u8>)> {
+    let mut state: HashMap<Vec<u8>, (u64, Vec<u8>)> = HashMap::new();
+    for index in 1..=end {
+        let openraft::EntryPayload::Normal(command) = expected_entry(shard, index).payload else {
+            unreachable!("the child writes normal entries only")
+        };
+        match command {
+            Command::Put { key, value } => {
+                state.insert(key, (index, value));
+            }
+            Command::Delete { key } => {
+                state.remove(&key);
+            }
+            Command::CompareAndSet { key, expected, new } => {
+                if state.get(&key).map(|(_, v)| v) == expected.as_ref() {
+                    match new {
+                        Some(value) => state.insert(key, (index, value)),
+                        None => state.remove(&key),
+                    };
+                }
+            }
+        }
     }
-    let index = key + (end - key) / KEYS * KEYS;
-    (index >= 1).then_some(index)
+    state
 }
 
 /// Reopens the store and checks every shard against the model; returns one result per shard.
@@ -528,13 +559,14 @@ async fn check_shard(store: &Store, shard: u64, model: &ShardModel) -> Result<Sh
             applied + 1
         ));
     }
+    let state = model_state(shard, l);
     for key in 0..KEYS {
         let name = format!("k{key}");
         let got = sm
             .get(name.as_bytes())
             .map_err(|e| format!("get {name}: {e}"))?
             .map(|v| (v.version, v.value));
-        let want = model_version(key, l).map(|i| (i, value_of(shard, i)));
+        let want = state.get(name.as_bytes()).cloned();
         if got != want {
             let show = |v: &Option<(u64, Vec<u8>)>| {
                 v.as_ref()

@@ -27,7 +27,7 @@ use std::sync::Arc;
 pub use error::{Error, Result};
 pub use identity::Identity;
 pub use snapshot_file::{SnapshotDir, SnapshotFile, SnapshotWriter};
-pub use state_tree::{StateTree, TreeReader, Versioned, Write};
+pub use state_tree::{StateTree, Stored, TreeReader, Versioned, Write};
 pub use wal::{Wal, WalOptions};
 
 /// On-disk format of a data directory written by this build. Bump it (and refuse old

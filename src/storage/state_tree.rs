@@ -1,10 +1,28 @@
-//! One shard's state-machine data in sled: user keys with versioned values, plus the applied
-//! marker and membership, all in one tree so that one `apply_batch` updates them atomically.
+//! One shard's state-machine data in sled: user keys with versioned values, tombstones, the
+//! applied marker and membership, all in one tree.
 //!
 //! Layout (one `sled::Db` per node, shared by every shard):
 //! - tree `sm-meta`: shard id (u64 big-endian) → active generation (u64 big-endian);
 //! - tree `sm/<shard>/<generation>`: `d` + user key → version (u64 big-endian) + value bytes,
-//!   and `m/applied`, `m/membership` → opaque markers chosen by the caller.
+//!   or, for a deleted key, a tombstone: the delete's log index with the top bit set, alone
+//!   (log indexes never reach 2^63); and `m/applied`, `m/membership` → opaque markers chosen
+//!   by the caller.
+//!
+//! **Apply writes keys one by one, then the markers; not as one sled batch.** sled's
+//! `apply_batch` seals and writes its in-memory log buffer twice per batch (`pin_log`), each
+//! write a `pwrite` plus a waited `sync_file_range` in sled's IO pool, and it takes sled's
+//! process-wide write lock, which stalls every reader of every shard. With one batch per Raft
+//! apply of every shard that was most of a node's disk and thread traffic under writes
+//! (issue 7's profile). Plain inserts go into sled's buffer and reach the disk with its
+//! periodic flush. The price: after a crash, sled recovers a prefix of its writes, which can
+//! hold some key writes of entries after the recovered applied marker. The state machine
+//! replays those entries from the WAL, and a key whose stored version or tombstone is at or
+//! past an entry's index already holds that entry's effect (or a later one): the state
+//! machine skips it ([`Stored::last_write`]) instead of deciding it again against a later
+//! state. Tombstones exist for that rule alone (a delete must leave its index behind, in the
+//! same single sled write); [`StateTree::purge_tombstones`] drops those no replay can reach.
+//! A chunk that changes membership writes its markers as one batch so that membership is
+//! never ahead of the applied marker.
 //!
 //! Installing a snapshot builds the next generation's tree, flushes, then flips the generation
 //! in `sm-meta` and drops the old tree. sled recovers a prefix of its log after a crash, so a
@@ -21,6 +39,8 @@ use crate::storage::error::{Error, Result};
 
 const META_TREE: &str = "sm-meta";
 const DATA_PREFIX: u8 = b'd';
+/// Set in a stored version: the record is a tombstone, the key is deleted.
+const TOMBSTONE: u64 = 1 << 63;
 const APPLIED_KEY: &[u8] = b"m/applied";
 const MEMBERSHIP_KEY: &[u8] = b"m/membership";
 /// Pairs per sled batch while loading a snapshot: keeps sled's global lock hold short.
@@ -44,13 +64,10 @@ impl Versioned {
         out
     }
 
-    /// Parses the stored form; `None` if it is too short to hold a version.
+    /// Parses the stored form of a value; `None` if it is too short to hold a version or is a
+    /// tombstone.
     pub fn decode(bytes: &[u8]) -> Option<Versioned> {
-        let version = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
-        Some(Versioned {
-            version,
-            value: bytes[8..].to_vec(),
-        })
+        Stored::decode(bytes)?.value
     }
 }
 
@@ -59,8 +76,64 @@ impl Versioned {
 pub enum Write {
     /// Set the key.
     Put(Vec<u8>, Versioned),
-    /// Remove the key.
-    Delete(Vec<u8>),
+    /// Remove the key; the delete's log index is kept as its tombstone.
+    Delete(Vec<u8>, u64),
+}
+
+/// One sled operation of [`StateTree::apply`], in the order it runs.
+enum Op<'a> {
+    /// A key's value or tombstone.
+    Key(Vec<u8>, Vec<u8>),
+    /// The applied marker, alone or with membership (then in one batch: membership must
+    /// never be recovered ahead of the applied marker).
+    Markers(&'a [u8], Option<&'a [u8]>),
+}
+
+/// What a tree holds for a key: its value, and its tombstone if it was ever deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// The live value, if any.
+    pub value: Option<Versioned>,
+    /// Log index of the key's last delete, until [`StateTree::purge_tombstones`] drops it.
+    pub deleted_at: Option<u64>,
+}
+
+impl Stored {
+    /// Log index of the last write to the key this tree knows of (put or delete).
+    pub fn last_write(&self) -> Option<u64> {
+        self.value.as_ref().map(|v| v.version).max(self.deleted_at)
+    }
+
+    /// Parses a key's record (a value or a tombstone); `None` if it is malformed.
+    fn decode(bytes: &[u8]) -> Option<Stored> {
+        let version = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        if version & TOMBSTONE == 0 {
+            Some(Stored {
+                value: Some(Versioned {
+                    version,
+                    value: bytes[8..].to_vec(),
+                }),
+                deleted_at: None,
+            })
+        } else if bytes.len() == 8 {
+            Some(Stored {
+                value: None,
+                deleted_at: Some(version & !TOMBSTONE),
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// The record of a key deleted at log `index`.
+fn tombstone(index: u64) -> Vec<u8> {
+    (index | TOMBSTONE).to_be_bytes().to_vec()
+}
+
+/// Whether a stored record is a tombstone (its version's top bit, without decoding).
+fn is_tombstone(bytes: &[u8]) -> bool {
+    bytes.first().is_some_and(|b| b & 0x80 != 0)
 }
 
 /// One shard's state-machine tree (the writer; [`TreeReader`]s share the current tree).
@@ -107,18 +180,23 @@ fn get_versioned(
     db_path: &Path,
     shard: u64,
 ) -> Result<Option<Versioned>> {
+    get_stored(tree, key, db_path, shard).map(|s| s.value)
+}
+
+fn get_stored(tree: &sled::Tree, key: &[u8], db_path: &Path, shard: u64) -> Result<Stored> {
     let bytes = with_data_key(key, |k| tree.get(k)).map_err(|source| Error::Sled {
         path: db_path.to_owned(),
         source,
     })?;
     match bytes {
-        None => Ok(None),
-        Some(bytes) => Versioned::decode(&bytes).map(Some).ok_or_else(|| {
+        None => Ok(Stored::default()),
+        Some(bytes) => Stored::decode(&bytes).ok_or_else(|| {
             Error::corruption(
                 db_path,
                 0,
                 format!(
-                    "shard {shard}: value of {} bytes has no version",
+                    "shard {shard}: record of {} bytes is neither a versioned value nor a \
+                     tombstone",
                     bytes.len()
                 ),
             )
@@ -261,32 +339,89 @@ impl StateTree {
             .map(|v| v.to_vec()))
     }
 
-    /// Applies `writes` and the new `applied` (and `membership`, if given) markers in one
-    /// atomic sled batch.
-    pub fn apply(&self, writes: &[Write], applied: &[u8], membership: Option<&[u8]>) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for write in writes {
-            match write {
-                Write::Put(key, value) => batch.insert(data_key(key), value.encode()),
-                Write::Delete(key) => batch.remove(data_key(key)),
-            }
-        }
-        batch.insert(APPLIED_KEY, applied);
-        if let Some(m) = membership {
-            batch.insert(MEMBERSHIP_KEY, m);
-        }
-        self.current()
-            .apply_batch(batch)
-            .map_err(|e| self.sled_err(e))
+    /// A key's value and tombstone (see [`Stored`]).
+    pub fn stored(&self, key: &[u8]) -> Result<Stored> {
+        let tree = self.tree.read().expect("tree lock poisoned");
+        get_stored(&tree, key, &self.db_path, self.shard)
     }
 
-    /// Every user key with its stored (encoded [`Versioned`]) value, in key order. sled
-    /// iterators see concurrent writes: callers must pause applies while iterating.
+    /// Applies `writes` (each key's value or tombstone), then the new `applied` marker (and
+    /// `membership`, in one batch with it, if given). Not atomic as a whole: see the module
+    /// doc for why and for what recovery does about it.
+    pub fn apply(&self, writes: &[Write], applied: &[u8], membership: Option<&[u8]>) -> Result<()> {
+        self.apply_prefix(writes, applied, membership, usize::MAX)
+            .map(|_| ())
+    }
+
+    /// Runs the first `limit` sled operations of [`StateTree::apply`]: what a crash in the
+    /// middle of an apply can leave, since sled recovers a prefix of its writes. Returns
+    /// whether the apply ran to the end. Tests use it to tear applies.
+    pub(crate) fn apply_prefix(
+        &self,
+        writes: &[Write],
+        applied: &[u8],
+        membership: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<bool> {
+        let ops = writes
+            .iter()
+            .map(|write| match write {
+                Write::Put(key, value) => Op::Key(data_key(key), value.encode()),
+                Write::Delete(key, index) => Op::Key(data_key(key), tombstone(*index)),
+            })
+            .chain(std::iter::once(Op::Markers(applied, membership)));
+        let tree = self.current();
+        for op in ops.take(limit) {
+            match op {
+                Op::Key(k, v) => tree.insert(k, v).map(drop),
+                Op::Markers(applied, None) => tree.insert(APPLIED_KEY, applied).map(drop),
+                Op::Markers(applied, Some(membership)) => {
+                    let mut batch = sled::Batch::default();
+                    batch.insert(APPLIED_KEY, applied);
+                    batch.insert(MEMBERSHIP_KEY, membership);
+                    tree.apply_batch(batch)
+                }
+            }
+            .map_err(|e| self.sled_err(e))?;
+        }
+        // One operation per write, then the markers.
+        Ok(limit > writes.len())
+    }
+
+    /// Drops the tombstones of deletes at or before `applied`, the applied marker already
+    /// written: no replay after a crash starts before that marker, so none can need them
+    /// (sled recovers a prefix of its writes, and the marker precedes these removals).
+    /// Call it while no apply runs. Returns how many were dropped.
+    pub fn purge_tombstones(&self, applied: u64) -> Result<usize> {
+        let tree = self.current();
+        let mut dropped = 0;
+        for item in tree.scan_prefix([DATA_PREFIX]) {
+            let (key, bytes) = item.map_err(|e| self.sled_err(e))?;
+            if !is_tombstone(&bytes) {
+                continue;
+            }
+            let Some(at) = Stored::decode(&bytes).and_then(|s| s.deleted_at) else {
+                return Err(self.corrupt(format!("tombstone of {} bytes", bytes.len())));
+            };
+            if at <= applied {
+                tree.remove(key).map_err(|e| self.sled_err(e))?;
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Every live user key with its stored (encoded [`Versioned`]) value, in key order
+    /// (tombstones left out). sled iterators see concurrent writes: callers must pause applies
+    /// while iterating.
     pub fn pairs(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_ {
-        self.current().scan_prefix([DATA_PREFIX]).map(move |item| {
-            let (k, v) = item.map_err(|e| self.sled_err(e))?;
-            Ok((k[1..].to_vec(), v.to_vec()))
-        })
+        self.current()
+            .scan_prefix([DATA_PREFIX])
+            .filter(|item| !item.as_ref().is_ok_and(|(_, v)| is_tombstone(v)))
+            .map(move |item| {
+                let (k, v) = item.map_err(|e| self.sled_err(e))?;
+                Ok((k[1..].to_vec(), v.to_vec()))
+            })
     }
 
     /// Replaces the whole tree with `pairs` (user key, encoded value) and the given markers:
@@ -386,7 +521,7 @@ mod tests {
             let writes = [
                 Write::Put(b"a".to_vec(), v(1, "x")),
                 Write::Put(b"b".to_vec(), v(1, "y")),
-                Write::Delete(b"a".to_vec()),
+                Write::Delete(b"a".to_vec(), 1),
             ];
             tree.apply(&writes, b"applied-1", Some(b"members")).unwrap();
             assert_eq!(tree.get(b"a").unwrap(), None);
