@@ -411,17 +411,17 @@ impl StateTree {
         Ok(dropped)
     }
 
-    /// Every live user key with its stored (encoded [`Versioned`]) value, in key order
-    /// (tombstones left out). sled iterators see concurrent writes: callers must pause applies
-    /// while iterating.
+    /// Every user key with its stored record, in key order: encoded [`Versioned`] values and
+    /// the tombstones not purged yet. A snapshot carries both: after a crash, sled can hold
+    /// writes (tombstones among them) of entries past the applied marker, so a snapshot built
+    /// then has them too, and a replica that installs it needs their indexes to replay the
+    /// entries after the snapshot correctly. sled iterators see concurrent writes: callers
+    /// must pause applies while iterating.
     pub fn pairs(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_ {
-        self.current()
-            .scan_prefix([DATA_PREFIX])
-            .filter(|item| !item.as_ref().is_ok_and(|(_, v)| is_tombstone(v)))
-            .map(move |item| {
-                let (k, v) = item.map_err(|e| self.sled_err(e))?;
-                Ok((k[1..].to_vec(), v.to_vec()))
-            })
+        self.current().scan_prefix([DATA_PREFIX]).map(move |item| {
+            let (k, v) = item.map_err(|e| self.sled_err(e))?;
+            Ok((k[1..].to_vec(), v.to_vec()))
+        })
     }
 
     /// Replaces the whole tree with `pairs` (user key, encoded value) and the given markers:
@@ -445,9 +445,9 @@ impl StateTree {
         let mut in_batch = 0;
         for pair in pairs {
             let (key, value) = pair?;
-            if Versioned::decode(&value).is_none() {
+            if Stored::decode(&value).is_none() {
                 return Err(self.corrupt(format!(
-                    "snapshot value of {} bytes has no version",
+                    "snapshot record of {} bytes is neither a versioned value nor a tombstone",
                     value.len()
                 )));
             }
@@ -533,7 +533,15 @@ mod tests {
         assert_eq!(tree.applied().unwrap().as_deref(), Some(&b"applied-1"[..]));
         assert_eq!(tree.membership().unwrap().as_deref(), Some(&b"members"[..]));
         let pairs: Vec<_> = tree.pairs().map(Result::unwrap).collect();
-        assert_eq!(pairs, vec![(b"b".to_vec(), v(1, "y").encode())]);
+        assert_eq!(
+            pairs,
+            vec![
+                (b"a".to_vec(), tombstone(1)),
+                (b"b".to_vec(), v(1, "y").encode())
+            ]
+        );
+        assert_eq!(tree.purge_tombstones(1).unwrap(), 1);
+        assert_eq!(tree.pairs().count(), 1);
     }
 
     #[test]
