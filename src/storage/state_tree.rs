@@ -26,9 +26,9 @@
 //!
 //! Installing a snapshot builds the next generation's tree, flushes, then flips the generation
 //! in `sm-meta` and drops the old tree. sled recovers a prefix of its log after a crash, so a
-//! reader sees either the old tree or the complete new one, and the applied marker always
-//! matches the data beside it. sled's flush is not an fsync (ARCHITECTURE.md); losing the tail
-//! of sled's log only makes the shard replay more of the WAL on open.
+//! reader sees either the old tree or the complete new one. sled's flush is not an fsync
+//! (ARCHITECTURE.md); losing the tail of sled's log only makes the shard replay more of the
+//! WAL on open (and keeping writes past the marker is what the rule above is for).
 //!
 //! This module knows nothing of Raft: markers are opaque bytes.
 
