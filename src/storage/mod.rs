@@ -32,7 +32,14 @@ pub use wal::{Wal, WalOptions};
 
 /// On-disk format of a data directory written by this build. Bump it (and refuse old
 /// directories, or migrate them) whenever any file's format changes incompatibly.
-pub const DATA_DIR_FORMAT: u32 = 1;
+///
+/// - 1: the first format.
+/// - 2: state-machine trees hold tombstones (`storage::state_tree`), which a format-1 build
+///   would read as values. A format-1 directory holds none, so this build opens it and marks
+///   it format 2 first; from then on a format-1 build refuses it by name.
+pub const DATA_DIR_FORMAT: u32 = 2;
+/// The oldest data-directory format this build opens (and upgrades on open).
+const OLDEST_DATA_DIR_FORMAT: u32 = 1;
 
 const FORMAT_FILE: &str = "FORMAT";
 const FORMAT_HEADER: &str = "kvnode data directory";
@@ -166,8 +173,21 @@ impl Store {
 /// Checks `dir`'s FORMAT marker, or writes one if the directory is new.
 fn check_or_create_format(dir: &Path) -> Result<()> {
     let path = dir.join(FORMAT_FILE);
+    let marker = || format!("{FORMAT_HEADER}\nformat {DATA_DIR_FORMAT}\n");
     match fs::read_to_string(&path) {
-        Ok(text) => return parse_format(&path, &text),
+        Ok(text) => {
+            let found = parse_format(&path, &text)?;
+            if found != DATA_DIR_FORMAT {
+                tracing::info!(
+                    dir = %dir.display(),
+                    from = found,
+                    to = DATA_DIR_FORMAT,
+                    "upgrading the data directory's format marker"
+                );
+                durable_file::write_atomically(dir, FORMAT_FILE, marker().as_bytes())?;
+            }
+            return Ok(());
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(&path, e)),
     }
@@ -181,11 +201,11 @@ fn check_or_create_format(dir: &Path) -> Result<()> {
             path: dir.to_owned(),
         });
     }
-    let text = format!("{FORMAT_HEADER}\nformat {DATA_DIR_FORMAT}\n");
-    durable_file::write_atomically(dir, FORMAT_FILE, text.as_bytes())
+    durable_file::write_atomically(dir, FORMAT_FILE, marker().as_bytes())
 }
 
-fn parse_format(path: &Path, text: &str) -> Result<()> {
+/// The format version a FORMAT marker names, if this build opens it.
+fn parse_format(path: &Path, text: &str) -> Result<u32> {
     let mut lines = text.lines();
     let version = match (lines.next(), lines.next()) {
         (Some(FORMAT_HEADER), Some(line)) => line
@@ -194,7 +214,7 @@ fn parse_format(path: &Path, text: &str) -> Result<()> {
         _ => None,
     };
     match version {
-        Some(DATA_DIR_FORMAT) => Ok(()),
+        Some(found) if (OLDEST_DATA_DIR_FORMAT..=DATA_DIR_FORMAT).contains(&found) => Ok(found),
         Some(found) => Err(Error::UnsupportedFormat {
             path: path.to_owned(),
             found,
@@ -237,6 +257,17 @@ mod tests {
             }) => assert!(path.ends_with("FORMAT")),
             other => panic!("expected UnsupportedFormat, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_format_1_directory_opens_and_is_marked_format_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        drop(Store::open(&data, StoreOptions::default()).unwrap());
+        fs::write(data.join("FORMAT"), "kvnode data directory\nformat 1\n").unwrap();
+        drop(Store::open(&data, StoreOptions::default()).unwrap());
+        let text = fs::read_to_string(data.join("FORMAT")).unwrap();
+        assert_eq!(text, "kvnode data directory\nformat 2\n");
     }
 
     #[test]

@@ -25,8 +25,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::storage::durable_file::sync_dir;
 use crate::storage::error::{Error, Result};
 
-/// The snapshot file format this build reads and writes.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// The snapshot file format this build writes. 2: a record's value may be a state-machine
+/// tombstone (`storage::state_tree`), which a format-1 reader would take for a value, so such
+/// a reader refuses the file by name instead.
+pub const SNAPSHOT_FORMAT: u32 = 2;
+/// The oldest snapshot format this build reads (format 1 files hold values only).
+const OLDEST_SNAPSHOT_FORMAT: u32 = 1;
 
 const MAGIC: &[u8; 8] = b"KVNSNAP\0";
 const TERMINATOR: u32 = u32::MAX;
@@ -220,7 +224,7 @@ impl SnapshotFile {
             return Err(Error::corruption(&self.path, 0, detail));
         }
         let found = s.u32("format version")?;
-        if found != SNAPSHOT_FORMAT {
+        if !(OLDEST_SNAPSHOT_FORMAT..=SNAPSHOT_FORMAT).contains(&found) {
             let (path, supported) = (self.path.clone(), SNAPSHOT_FORMAT);
             return Err(Error::UnsupportedFormat {
                 path,
@@ -570,17 +574,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = write(dir.path(), "s", b"m", &pairs(2));
         let mut bytes = fs::read(file.path()).unwrap();
-        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
         let got = verify_bytes(file.path(), &bytes);
         let want = matches!(
             got,
             Err(Error::UnsupportedFormat {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             })
         );
         assert!(want, "{got:?}");
+    }
+
+    #[test]
+    fn a_format_1_file_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pairs(10);
+        let file = write(dir.path(), "s", b"m", &data);
+        let mut bytes = fs::read(file.path()).unwrap();
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let end = bytes.len() - 4;
+        let crc = crc32fast::hash(&bytes[..end]);
+        bytes[end..].copy_from_slice(&crc.to_le_bytes());
+        fs::write(file.path(), &bytes).unwrap();
+        let (meta, it) = file.read().unwrap();
+        assert_eq!(meta, b"m");
+        assert_eq!(it.map(Result::unwrap).collect::<Vec<_>>(), data);
     }
 
     #[test]
