@@ -67,10 +67,9 @@
 //! so a replay after a crash skips an entry whose key already holds it or a later write, and
 //! recovery reaches the same state as the other replicas ([`storage::state_tree`] has the
 //! argument, `raft::state_machine` the test that tears an apply at every sled write). sled's
-//! own (lazy) durability is enough: after a crash a
-//! shard replays the WAL from its last applied index, and if sled lost more than the WAL still
-//! holds (it was purged behind a snapshot), the state machine is restored from the snapshot
-//! file first. Snapshots are checksummed files, fsynced and renamed into place; the WAL is
+//! own (lazy) durability is enough: after a crash a shard replays the WAL from its last
+//! applied index, and if sled lost more than the WAL still holds (it was purged behind a
+//! snapshot), the state machine is restored from the snapshot file first. Snapshots are checksummed files, fsynced and renamed into place; the WAL is
 //! purged only up to a snapshot that is already durable.
 //!
 //! ## Guarantees (target; see ARCHITECTURE.md "Consistency contract")
