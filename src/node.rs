@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::join_all;
 
@@ -25,6 +26,7 @@ use crate::config::Config;
 use crate::consistency::{ReadOptions, WriteReceipt};
 use crate::error::{Error, Result};
 use crate::hibernation::{Controller, new_boot_id};
+use crate::leadership::LeadershipChecks;
 use crate::raft::network::{NoPeers, Peers, ShardNetwork};
 use crate::raft::{Command, CommandResult};
 use crate::reply::{CasReply, DeleteReply, GetReply};
@@ -48,6 +50,8 @@ pub struct Node {
     boot_id: u64,
     /// Puts idle shard groups to sleep (None if the config never hibernates); stops on drop.
     hibernation: std::sync::Mutex<Option<Controller>>,
+    /// Leadership checks for the linearizable reads of every shard this node leads.
+    checks: Arc<LeadershipChecks>,
 }
 
 impl Node {
@@ -93,17 +97,22 @@ impl Node {
         } else {
             None
         };
+        let checks = LeadershipChecks::new(
+            peers.clone(),
+            Duration::from_millis(config.election_timeout_min_ms).min(config.request_timeout()),
+        );
         let opened = join_all(local.iter().map(|&id| {
             let store = &store;
             let config = &config;
             let peers = peers.clone();
+            let checks = Arc::clone(&checks);
             async move {
                 match peers {
                     Some(peers) => {
                         let network = ShardNetwork::new(peers.clone(), id);
-                        Shard::open(store, config, id, network, Some(peers)).await
+                        Shard::open(store, config, id, network, Some(peers), checks).await
                     }
-                    None => Shard::open(store, config, id, NoPeers, None).await,
+                    None => Shard::open(store, config, id, NoPeers, None, checks).await,
                 }
             }
         }))
@@ -138,6 +147,7 @@ impl Node {
             peers,
             boot_id,
             hibernation: std::sync::Mutex::new(hibernation),
+            checks,
         };
         if let Some(err) = started.into_iter().find_map(Result::err) {
             node.shutdown_shards().await;
@@ -182,6 +192,12 @@ impl Node {
     /// Channels to the other nodes (None when embedded).
     pub fn peers(&self) -> Option<&Arc<Peers>> {
         self.peers.as_ref()
+    }
+
+    /// The node-level leadership checks behind its shards' linearizable reads (see
+    /// [`crate::leadership`]).
+    pub fn leadership_checks(&self) -> &Arc<LeadershipChecks> {
+        &self.checks
     }
 
     /// Every shard as this node sees it: replicas, and for local replicas openraft's view.

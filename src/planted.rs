@@ -2,7 +2,8 @@
 //! (the `planted-bugs` feature, on in `cargo test` builds only) read once from the
 //! `KVNODE_PLANTED_BUG` environment variable.
 //!
-//! The bugs themselves are fenced hooks in [`crate::shard`] (`planted_read`, `planted_write`);
+//! The bugs themselves are fenced hooks in [`crate::shard`] (`planted_read`, `planted_write`,
+//! and `holds_vote_for` for `confirm-any-vote`);
 //! this module only says which one, if any, is active. Unset or empty: none, and the store
 //! behaves exactly as without the feature.
 
@@ -24,14 +25,19 @@ pub enum Bug {
     /// `ack-uncommitted`: the leader acknowledges a write that has not committed within 50 ms
     /// (lost acknowledged writes when it is then deposed).
     AckUncommitted,
+    /// `confirm-any-vote`: a replica answers every node-level leadership check yes, whatever
+    /// vote it holds (stale linearizable reads from a deposed leader that can still reach the
+    /// group, e.g. one resumed after a pause).
+    ConfirmAnyVote,
 }
 
 impl Bug {
     /// Every bug, in the order they are documented.
-    pub const ALL: [Bug; 3] = [
+    pub const ALL: [Bug; 4] = [
         Bug::FollowerLocalRead,
         Bug::LeaderNoConfirm,
         Bug::AckUncommitted,
+        Bug::ConfirmAnyVote,
     ];
 
     /// The bug's name in [`ENV_VAR`].
@@ -40,6 +46,7 @@ impl Bug {
             Bug::FollowerLocalRead => "follower-local-read",
             Bug::LeaderNoConfirm => "leader-no-confirm",
             Bug::AckUncommitted => "ack-uncommitted",
+            Bug::ConfirmAnyVote => "confirm-any-vote",
         }
     }
 }
@@ -87,6 +94,7 @@ mod tests {
         assert_eq!(parse("leader-no-confirm"), Ok(Bug::LeaderNoConfirm));
         assert_eq!(parse("ack-uncommitted"), Ok(Bug::AckUncommitted));
         assert_eq!(parse(" ack-uncommitted\n"), Ok(Bug::AckUncommitted));
+        assert_eq!(parse("confirm-any-vote"), Ok(Bug::ConfirmAnyVote));
         for bug in Bug::ALL {
             assert_eq!(parse(bug.name()), Ok(bug));
         }

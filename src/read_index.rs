@@ -2,10 +2,11 @@
 //!
 //! A **read index** is a log index such that any write acknowledged before the round started is
 //! at or below it: a replica that has applied up to it can serve a linearizable read. The
-//! leader obtains one by confirming its leadership with a quorum (openraft's `ReadIndex`
-//! linearizer); a follower asks the leader for one over the peer transport.
+//! leader obtains one by confirming its leadership with a quorum: a node-level check
+//! ([`crate::leadership`]) or, when that cannot confirm, openraft's `ReadIndex` linearizer; a
+//! follower asks the leader for one over the peer transport.
 //!
-//! [`Rounds`] coalesces the leader's rounds: at most one is in flight per shard; reads that
+//! [`Rounds`] coalesces the leader's openraft rounds: at most one is in flight per shard; reads that
 //! arrive while it runs wait for the next one, which starts after they arrived. So every read
 //! is served by a round that began after the read did, and a burst of N reads costs two quorum
 //! rounds, not N.

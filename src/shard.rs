@@ -5,8 +5,10 @@
 //! Writes go through `client_write`: the entry is durable on a majority and applied before the
 //! reply, and compare-and-set is decided at apply time. Reads:
 //!
-//! - **linearizable**: a read index from the leader (a coalesced quorum round when this replica
-//!   leads, the `ReadIndex` peer RPC when it follows), then local state once applied that far;
+//! - **linearizable**: a read index from the leader (a node-level leadership check, see
+//!   [`crate::leadership`], or openraft's coalesced quorum round when that cannot confirm, when
+//!   this replica leads; the `ReadIndex` peer RPC when it follows), then local state once
+//!   applied that far;
 //! - **lease**: the same without the round trip while the leader's lease holds (a leader whose
 //!   lease lapsed, e.g. after hibernating, runs the round and serves a linearizable read);
 //! - **session**: wait (at most one election timeout) until this replica has applied the
@@ -35,6 +37,7 @@ use crate::config::Config;
 use crate::consistency::{Fallback, ReadLevel, ReadReceipt, ServedLevel, Staleness};
 use crate::error::{Error, Result};
 use crate::hibernation::{Activity, Group};
+use crate::leadership::{LeadershipChecks, Outcome};
 use crate::raft::network::Peers;
 use crate::raft::{
     Command, CommandResult, LogStore, ShardRaft, StateMachine, StateReader, TypeConfig,
@@ -71,7 +74,12 @@ pub struct Shard {
     session_wait: Duration,
     /// Channels to the other nodes (follower read-index requests); None when embedded.
     peers: Option<Arc<Peers>>,
-    /// Coalesces this replica's read-index rounds while it leads.
+    /// This replica's Raft log (for its stored vote).
+    log: LogStore,
+    /// The node's leadership checks: a leader's read index without a round of its own.
+    checks: Arc<LeadershipChecks>,
+    /// Coalesces this replica's openraft read-index rounds while it leads (the fallback when a
+    /// leadership check fails, and lease renewal).
     rounds: Rounds,
     /// The last read-index round this replica completed (bounded-staleness proofs).
     freshness: Freshness,
@@ -132,6 +140,7 @@ impl Shard {
         id: u64,
         network: N,
         peers: Option<Arc<Peers>>,
+        checks: Arc<LeadershipChecks>,
     ) -> Result<Shard>
     where
         N: RaftNetworkFactory<TypeConfig>,
@@ -145,7 +154,7 @@ impl Shard {
         let sm = StateMachine::open(store, id, purged.as_ref()).map_err(|e| io_to_error(id, e))?;
         let reader = sm.reader();
         let raft_config = Arc::new(raft_config(config, id)?);
-        let raft = ShardRaft::new(config.node_id, raft_config, network, log, sm)
+        let raft = ShardRaft::new(config.node_id, raft_config, network, log.clone(), sm)
             .await
             .map_err(|e| Error::ShardStopped {
                 shard: id,
@@ -167,6 +176,8 @@ impl Shard {
             session_wait: Duration::from_millis(config.election_timeout_max_ms)
                 .min(config.request_timeout()),
             peers,
+            log,
+            checks,
             rounds: Rounds::default(),
             freshness: Freshness::default(),
             activity: Arc::new(Activity::default()),
@@ -308,7 +319,8 @@ impl Shard {
                 })
         };
         if lapsed {
-            self.leader_read_index().await?;
+            // openraft's own round: only its quorum acknowledgements renew its lease.
+            self.raft_read_index().await?;
         }
         Ok(())
     }
@@ -359,9 +371,7 @@ impl Shard {
                 let required = token.required(self.id);
                 if required > 0 {
                     let caught_up = self
-                        .raft
-                        .wait(Some(self.session_wait))
-                        .applied_index_at_least(Some(required), "session read")
+                        .applied_at_least(required, self.session_wait, "session read")
                         .await;
                     match caught_up {
                         Ok(_) => {}
@@ -433,9 +443,7 @@ impl Shard {
         // The whole read, rounds and apply wait included, is bounded by the request timeout.
         let proven = tokio::time::timeout(self.timeout, async {
             let index = self.read_index().await?;
-            self.raft
-                .wait(Some(self.timeout))
-                .applied_index_at_least(Some(index), "linearizable read")
+            self.applied_at_least(index, self.timeout, "linearizable read")
                 .await
                 .map_err(|e| self.wait_error(e, "waiting to apply the read index", false))
         })
@@ -459,9 +467,7 @@ impl Shard {
         let started = Instant::now();
         let proven = tokio::time::timeout(budget, async {
             let index = self.read_index().await.ok()?;
-            self.raft
-                .wait(Some(budget))
-                .applied_index_at_least(Some(index), "bounded read proof")
+            self.applied_at_least(index, budget, "bounded read proof")
                 .await
                 .ok()
         })
@@ -510,14 +516,73 @@ impl Shard {
         })
     }
 
-    /// A read index obtained as the leader: a quorum round, coalesced with concurrent reads.
+    /// A read index obtained as the leader: a node-level leadership check (see
+    /// [`crate::leadership`]), or openraft's quorum round if that cannot confirm.
     pub async fn leader_read_index(&self) -> Result<u64> {
         let started = Instant::now();
         self.note_activity();
+        let index = match self.confirmed_read_index().await {
+            Some(index) => index,
+            None => self.raft_read_index().await?,
+        };
+        self.freshness.record(started, index);
+        Ok(index)
+    }
+
+    /// The applied index, if a node-level leadership check confirms (in a round that starts
+    /// after this call) that this replica still leads the term of an applied entry it proposed.
+    /// `None` sends the caller to openraft's round: just elected (nothing of this term applied
+    /// yet), not leading, a joint membership, or no majority confirmed.
+    async fn confirmed_read_index(&self) -> Option<u64> {
+        let position = self.reader.applied_position();
+        if position.leader != self.node_id || !self.log.holds_vote_for(position.term, self.node_id)
+        {
+            return None;
+        }
+        let voters: Vec<u64> = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            match m
+                .membership_config
+                .membership()
+                .get_joint_config()
+                .as_slice()
+            {
+                [voters] => voters.iter().copied().collect(),
+                _ => return None,
+            }
+        };
+        if !voters.contains(&self.node_id) {
+            return None;
+        }
+        let need = voters.len() / 2; // a majority, less this replica's own vote
+        let others = voters.into_iter().filter(|v| *v != self.node_id).collect();
+        match self
+            .checks
+            .confirm(self.id, position.term, others, need)
+            .await
+        {
+            Outcome::Confirmed => Some(position.index),
+            Outcome::Refused | Outcome::NoQuorum => None,
+        }
+    }
+
+    /// True if this replica's stored vote names `leader` as the leader of `term` (a peer's
+    /// leadership check, see [`crate::leadership`]).
+    pub fn holds_vote_for(&self, term: u64, leader: u64) -> bool {
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active() == Some(crate::planted::Bug::ConfirmAnyVote) {
+            return true;
+        }
+        self.log.holds_vote_for(term, leader)
+    }
+
+    /// A read index from openraft's `ReadIndex` linearizer: a quorum round through the group's
+    /// core, coalesced with concurrent callers.
+    async fn raft_read_index(&self) -> Result<u64> {
         let raft = self.raft.clone();
         let timeout = self.timeout;
-        let index = self
-            .rounds
+        self.rounds
             .read_index(move || {
                 let raft = raft.clone();
                 async move {
@@ -537,9 +602,7 @@ impl Shard {
                 }
             })
             .await
-            .map_err(|e| e.into_error(self.id))?;
-        self.freshness.record(started, index);
-        Ok(index)
+            .map_err(|e| e.into_error(self.id))
     }
 
     /// Read-index rounds this replica has run as leader (coalescing makes this smaller than
@@ -622,6 +685,29 @@ impl Shard {
             millis: self.timeout.as_millis() as u64,
             write,
         }
+    }
+
+    /// Waits until local state has applied `index`, at most `timeout`. Checks the state
+    /// machine's own published index first (openraft's metrics, which the wait watches, are
+    /// updated after it), so a read whose index is already applied does not wait at all.
+    async fn applied_at_least(
+        &self,
+        index: u64,
+        timeout: Duration,
+        what: &'static str,
+    ) -> std::result::Result<(), WaitError> {
+        if self
+            .reader
+            .applied_index()
+            .is_ok_and(|applied| applied >= index)
+        {
+            return Ok(());
+        }
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), what)
+            .await
+            .map(|_| ())
     }
 
     fn wait_error(&self, e: WaitError, operation: &'static str, write: bool) -> Error {

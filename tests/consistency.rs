@@ -10,7 +10,7 @@
 //!   acknowledges writes.
 //! - Linearizable reads on followers see every write acknowledged before they began, under
 //!   concurrent writes, and are served locally with a zero-staleness receipt.
-//! - Concurrent linearizable reads share read-index rounds.
+//! - Concurrent linearizable reads share node-level leadership checks, with no openraft round.
 //!
 //! Run with `RUST_LOG=kvnode=info,openraft=warn` to see elections.
 
@@ -608,22 +608,27 @@ async fn follower_linearizable_reads_see_the_latest_acknowledged_write_under_con
     c.close().await;
 }
 
+/// Concurrent linearizable reads share node-level leadership checks (see `kvnode::leadership`):
+/// 200 reads on the leader or a follower cost at most 20 check rounds on the leader's node,
+/// and no openraft read-index round (that is only the fallback when a check cannot confirm).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn coalesced_read_index_rounds() {
+async fn coalesced_leadership_checks() {
     const READS: usize = 200;
     let c = Cluster::start().await;
     let leader = c.leader_of(SHARD).await;
     let w = c.put(&[leader], KEY, b"v").await;
     let shard = c.node(leader).local_shard(SHARD).unwrap();
+    let checks = c.node(leader).leadership_checks();
 
     for reader in [leader, (1..=3).find(|id| *id != leader).unwrap()] {
         let node = c.node(reader);
         let options = ReadOptions::linearizable();
-        let before = shard.read_index_rounds();
+        let (rounds_before, raft_before) = (checks.rounds(), shard.read_index_rounds());
         let started = Instant::now();
         let replies = futures::future::join_all((0..READS).map(|_| node.get(KEY, &options))).await;
         let took = started.elapsed();
-        let rounds = shard.read_index_rounds() - before;
+        let rounds = checks.rounds() - rounds_before;
+        let raft_rounds = shard.read_index_rounds() - raft_before;
         for r in &replies {
             let r = r.as_ref().unwrap_or_else(|e| panic!("node {reader}: {e}"));
             assert_eq!(value(r), Some(&b"v"[..]));
@@ -638,12 +643,16 @@ async fn coalesced_read_index_rounds() {
         };
         println!(
             "{READS} concurrent linearizable reads on the {role} (node {reader}) in {took:?}: \
-             {rounds} read-index rounds on the leader"
+             {rounds} leadership-check rounds and {raft_rounds} openraft rounds on the leader"
         );
         assert!(rounds >= 1);
         assert!(
             rounds <= 20,
             "{rounds} rounds for {READS} reads on the {role}"
+        );
+        assert_eq!(
+            raft_rounds, 0,
+            "reads on a healthy cluster fell back to openraft's round"
         );
     }
     c.close().await;

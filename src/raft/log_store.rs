@@ -52,6 +52,20 @@ impl LogStore {
             .transpose()
     }
 
+    /// The vote as last written: the WAL's copy changes when the vote record is written, before
+    /// its fsync and so before openraft acts on the vote (what [`crate::leadership`] relies on).
+    pub fn vote(&self) -> io::Result<Option<Vote>> {
+        self.wal
+            .vote(self.shard)
+            .map(|bytes| self.decode::<Vote>(&bytes, "vote"))
+            .transpose()
+    }
+
+    /// True if the stored vote names `leader` as the leader of `term` (committed or not).
+    pub fn holds_vote_for(&self, term: u64, leader: u64) -> bool {
+        matches!(self.vote(), Ok(Some(v)) if v.leader_id.term == term && v.leader_id.node_id == leader)
+    }
+
     fn decode<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: &str) -> io::Result<T> {
         decode_serde(bytes).map_err(|e| {
             io::Error::new(
@@ -75,10 +89,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        self.wal
-            .vote(self.shard)
-            .map(|bytes| self.decode::<Vote>(&bytes, "vote"))
-            .transpose()
+        self.vote()
     }
 }
 

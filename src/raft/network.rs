@@ -48,7 +48,9 @@ use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftNetworkV2, StorageErro
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pb::raft::raft_transport_client::RaftTransportClient;
-use crate::pb::raft::{PeerHeader, PingReply, PingRequest, RaftRequest, SnapshotChunk};
+use crate::pb::raft::{
+    ConfirmItem, ConfirmRequest, PeerHeader, PingReply, PingRequest, RaftRequest, SnapshotChunk,
+};
 use crate::raft::{Snapshot, TypeConfig, Vote};
 use crate::storage::SnapshotFile;
 use crate::storage::codec::{decode_serde, encode_serde};
@@ -297,6 +299,34 @@ impl Peers {
             Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
             Ok(Err(status)) => Err(status.message().to_string()),
             Ok(Ok(reply)) => Ok(reply.into_inner()),
+        }
+    }
+
+    /// Asks `node` whether it still holds this node's vote of each item's term for the item's
+    /// shard (see [`crate::leadership`]), within `timeout`. `Ok` has one answer per item.
+    pub async fn confirm_leadership(
+        &self,
+        node: u64,
+        items: Vec<ConfirmItem>,
+        timeout: Duration,
+    ) -> std::result::Result<Vec<bool>, String> {
+        let channel = self
+            .channel(node)
+            .ok_or_else(|| format!("node {node} is not a reachable peer"))?;
+        let mut client = RaftTransportClient::new(channel);
+        let mut request = tonic::Request::new(ConfirmRequest {
+            header: Some(PeerHeader {
+                from_node: self.self_id,
+                cluster_id: self.cluster_id.clone(),
+                shard: 0,
+            }),
+            items,
+        });
+        request.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.confirm_leadership(request)).await {
+            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+            Ok(Err(status)) => Err(status.message().to_string()),
+            Ok(Ok(reply)) => Ok(reply.into_inner().confirmed),
         }
     }
 }

@@ -22,8 +22,8 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -49,9 +49,30 @@ pub struct StateMachine {
     snapshots: SnapshotDir,
     /// The current snapshot and its decoded meta.
     current: Option<(SnapshotMeta, SnapshotFile)>,
-    /// The applied index, published after each batch or snapshot load is visible in the tree,
-    /// so readers need not read and decode the applied marker from sled on every read.
-    applied_index: Arc<AtomicU64>,
+    /// The applied position, published after each batch or snapshot load is visible in the
+    /// tree, so readers need not read and decode the applied marker from sled on every read.
+    applied: Arc<Published>,
+}
+
+/// The applied position as readers see it.
+#[derive(Debug, Default)]
+struct Published {
+    /// The last applied log index (0 before anything was applied).
+    index: AtomicU64,
+    /// The leader `(term, node)` that proposed the entry at `index` or earlier; written after
+    /// `index`, so an `index` read after it is at least the index it was published with.
+    leader: Mutex<(u64, u64)>,
+}
+
+/// A state machine's applied position: see [`StateReader::applied_position`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppliedPosition {
+    /// The term of the leader that proposed an applied entry at or below `index`.
+    pub term: u64,
+    /// That leader's node id.
+    pub leader: u64,
+    /// The last applied index (at least the entry's).
+    pub index: u64,
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -71,7 +92,7 @@ impl std::fmt::Debug for StateMachine {
 #[derive(Debug, Clone)]
 pub struct StateReader {
     tree: TreeReader,
-    applied_index: Arc<AtomicU64>,
+    applied: Arc<Published>,
 }
 
 impl StateReader {
@@ -90,7 +111,19 @@ impl StateReader {
     /// snapshot) that reaches it is visible in the tree, so a key read afterwards reflects at
     /// least that much.
     pub fn applied_index(&self) -> io::Result<u64> {
-        Ok(self.applied_index.load(Ordering::Acquire))
+        Ok(self.applied.index.load(Ordering::Acquire))
+    }
+
+    /// The applied index with the leader of an applied entry at or below it: if that leader
+    /// is `(T, L)`, an entry `L` proposed in term `T` is applied here (what a leader's
+    /// read index needs, see [`crate::leadership`]).
+    pub fn applied_position(&self) -> AppliedPosition {
+        let (term, leader) = *self.applied.leader.lock().expect("applied lock");
+        AppliedPosition {
+            term,
+            leader,
+            index: self.applied.index.load(Ordering::Acquire),
+        }
     }
 }
 
@@ -127,7 +160,7 @@ impl StateMachine {
             tree,
             snapshots,
             current,
-            applied_index: Arc::new(AtomicU64::new(0)),
+            applied: Arc::default(),
         };
         let applied = sm.last_applied()?;
         if let Some(purged) = purged
@@ -190,14 +223,16 @@ impl StateMachine {
     /// Publishes `applied` to readers; call only once the state it names is visible.
     fn publish_applied(&self, applied: Option<&LogId>) {
         let index = applied.map_or(0, |l| l.index());
-        self.applied_index.store(index, Ordering::Release);
+        self.applied.index.store(index, Ordering::Release);
+        let leader = applied.map_or((0, 0), |l| (l.leader_id.term, l.leader_id.node_id));
+        *self.applied.leader.lock().expect("applied lock") = leader;
     }
 
     /// A read handle on this state machine's data.
     pub fn reader(&self) -> StateReader {
         StateReader {
             tree: self.tree.reader(),
-            applied_index: Arc::clone(&self.applied_index),
+            applied: Arc::clone(&self.applied),
         }
     }
 

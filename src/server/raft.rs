@@ -15,8 +15,10 @@
 //! | the shard has a replica here | `NOT_FOUND` |
 //! | the payload decodes | `INVALID_ARGUMENT` |
 //!
-//! `Ping` (node-level liveness for hibernating idle groups) gets the first three checks only:
-//! it names no shard and has no payload.
+//! `Ping` (node-level liveness for hibernating idle groups) and `ConfirmLeadership` (node-level
+//! leadership checks for linearizable reads, see `crate::leadership`) get the first three checks
+//! only: they name no shard in the header and have no payload. A confirmation item naming a
+//! shard not hosted here is answered no.
 //!
 //! A refused peer is logged at warn at most once a minute per peer and reason. Payloads and
 //! replies are the bincode of openraft's messages; a reply is the `Result` the shard's `Raft`
@@ -44,7 +46,10 @@ use openraft::raft::{AppendEntriesRequest, VoteRequest};
 
 use crate::node::Node;
 use crate::pb::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
-use crate::pb::raft::{PeerHeader, PingReply, PingRequest, RaftReply, RaftRequest, SnapshotChunk};
+use crate::pb::raft::{
+    ConfirmReply, ConfirmRequest, PeerHeader, PingReply, PingRequest, RaftReply, RaftRequest,
+    SnapshotChunk,
+};
 use crate::raft::network::ReadIndexReply;
 use crate::raft::network::{MAX_MESSAGE_BYTES, WarnLimiter};
 use crate::raft::{Snapshot, SnapshotMeta, TypeConfig, Vote};
@@ -308,6 +313,27 @@ impl RaftTransport for RaftService {
                 .map(Shard::id)
                 .collect(),
         }))
+    }
+
+    async fn confirm_leadership(
+        &self,
+        request: Request<ConfirmRequest>,
+    ) -> Result<Response<ConfirmReply>, Status> {
+        let request = request.get_ref();
+        let leader = self
+            .admit_peer(request.header.as_ref(), "confirm-leadership")?
+            .from_node;
+        // A shard this node does not host, or one it holds another vote for, is a no.
+        let confirmed = request
+            .items
+            .iter()
+            .map(|item| {
+                self.node
+                    .local_shard(item.shard)
+                    .is_some_and(|shard| shard.holds_vote_for(item.term, leader))
+            })
+            .collect();
+        Ok(Response::new(ConfirmReply { confirmed }))
     }
 }
 

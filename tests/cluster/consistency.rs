@@ -459,3 +459,124 @@ async fn eventual_reads_on_a_paused_and_resumed_follower_say_how_stale_they_may_
     );
     cluster.stop_all().await;
 }
+
+/// Pauses the leader of `key`'s shard until another node leads it, overwrites the key there,
+/// and resumes the old leader with linearizable reads already queued on connections made
+/// before the pause. Returns each read's outcome and how many returned the overwritten value.
+async fn resume_a_deposed_leader_with_reads_queued(
+    cluster: &mut Cluster,
+    key: &[u8],
+) -> (Vec<String>, usize) {
+    let (shard, old, _) = cluster.leader_and_follower(key).await;
+    put_acked(cluster, old, key, b"old").await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(cluster.client(old).await.expect("connect to the leader"));
+    }
+    cluster.pause(old);
+    let others: Vec<u64> = (1..=3).filter(|n| *n != old).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new = loop {
+        let mut leader = None;
+        for n in &others {
+            if let Some(s) = cluster.status(*n).await
+                && s.shards
+                    .iter()
+                    .any(|v| v.shard == shard && v.role == "leader")
+            {
+                leader = Some(*n);
+            }
+        }
+        if let Some(l) = leader {
+            break l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new leader of shard {shard} while {old} is paused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    put_acked(cluster, new, key, b"new").await;
+    println!("shard {shard}: leader {old} paused, {new} elected and acknowledged \"new\"");
+
+    let reads: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let key = key.to_vec();
+            tokio::spawn(async move {
+                client
+                    .get(kvnode::pb::kv::GetRequest {
+                        key,
+                        options: Some(ReadOptions {
+                            level: ReadLevel::Linearizable as i32,
+                            ..Default::default()
+                        }),
+                    })
+                    .await
+                    .map(tonic::Response::into_inner)
+            })
+        })
+        .collect();
+    // Let the requests reach the stopped process's sockets, then resume it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.resume(old);
+    let mut outcomes = Vec::new();
+    let mut stale = 0;
+    for read in reads {
+        let read = read.await.expect("read task");
+        if matches!(&read, Ok(r) if value_of(r).as_deref() == Some("old")) {
+            stale += 1;
+        }
+        outcomes.push(describe(&read));
+    }
+    (outcomes, stale)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_resumed_after_a_pause_does_not_serve_a_stale_linearizable_read() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.wait_all_shards_led(Duration::from_secs(30)).await;
+    for round in 0..3 {
+        let key = format!("deposed-{round}");
+        let (outcomes, stale) =
+            resume_a_deposed_leader_with_reads_queued(&mut cluster, key.as_bytes()).await;
+        println!("round {round}:\n{}", outcomes.join("\n"));
+        assert_eq!(
+            stale,
+            0,
+            "a deposed leader served the overwritten value to a linearizable read:\n{}",
+            outcomes.join("\n")
+        );
+        cluster.wait_all_shards_led(Duration::from_secs(30)).await;
+    }
+    cluster.stop_all().await;
+}
+
+/// The check above can fail: with replicas that confirm any leadership check (the planted
+/// `confirm-any-vote` bug), the resumed leader serves the overwritten value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deposed_leader_check_catches_replicas_that_confirm_any_vote() {
+    let mut cluster =
+        Cluster::start_with_env(3, &[("KVNODE_PLANTED_BUG", "confirm-any-vote")]).await;
+    cluster.wait_all_shards_led(Duration::from_secs(30)).await;
+    let mut log = Vec::new();
+    let mut caught = false;
+    for round in 0..5 {
+        let key = format!("planted-deposed-{round}");
+        let (outcomes, stale) =
+            resume_a_deposed_leader_with_reads_queued(&mut cluster, key.as_bytes()).await;
+        log.push(format!("round {round}:\n{}", outcomes.join("\n")));
+        if stale > 0 {
+            caught = true;
+            break;
+        }
+        cluster.wait_all_shards_led(Duration::from_secs(30)).await;
+    }
+    println!("{}", log.join("\n"));
+    assert!(
+        caught,
+        "the planted bug served no stale read:\n{}",
+        log.join("\n")
+    );
+    cluster.stop_all().await;
+}

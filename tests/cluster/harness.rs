@@ -41,6 +41,8 @@ pub struct Cluster {
     ring: HashRing,
     /// Nodes stopped with SIGSTOP (`pause`) and not yet resumed.
     paused: BTreeSet<u64>,
+    /// Extra environment of every node process.
+    env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -53,6 +55,11 @@ fn free_port() -> u16 {
 impl Cluster {
     /// Starts `n` nodes and waits until each answers `Status`.
     pub async fn start(n: u64) -> Cluster {
+        Self::start_with_env(n, &[]).await
+    }
+
+    /// [`Cluster::start`] with extra environment variables for every node (e.g. a planted bug).
+    pub async fn start_with_env(n: u64, env: &[(&str, &str)]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
@@ -77,6 +84,10 @@ impl Cluster {
             nodes,
             ring: HashRing::with_shards(SHARDS).expect("ring"),
             paused: BTreeSet::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in &ids {
@@ -108,6 +119,7 @@ impl Cluster {
             ])
             .args(["--request-timeout-ms", "2000"])
             .env("RUST_LOG", "info,openraft=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().expect("log handle")))
             .stderr(Stdio::from(log))
             .spawn()
@@ -119,7 +131,8 @@ impl Cluster {
         self.nodes[&id].addr.clone()
     }
 
-    async fn client(&self, id: u64) -> Result<KvClient<Channel>, tonic::Status> {
+    /// A new connection to `id`'s client API.
+    pub async fn client(&self, id: u64) -> Result<KvClient<Channel>, tonic::Status> {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(id)))
             .expect("endpoint")
             .connect_timeout(Duration::from_millis(500))
