@@ -171,16 +171,15 @@ impl LeadershipChecks {
     /// Runs rounds while groups wait.
     async fn drive(self: Arc<Self>) {
         loop {
-            let batch = {
+            let (batch, round) = {
                 let mut pending = self.pending.lock().expect("leadership lock");
                 if pending.groups.is_empty() {
                     pending.running = false;
                     return;
                 }
                 pending.rounds += 1;
-                std::mem::take(&mut pending.groups)
+                (std::mem::take(&mut pending.groups), pending.rounds)
             };
-            let round = self.rounds();
             self.round(batch, round).await;
         }
     }
