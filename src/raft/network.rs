@@ -282,24 +282,13 @@ impl Peers {
         boot_id: u64,
         timeout: Duration,
     ) -> std::result::Result<PingReply, String> {
-        let channel = self
-            .channel(node)
-            .ok_or_else(|| format!("node {node} is not a reachable peer"))?;
-        let mut client = RaftTransportClient::new(channel);
+        let mut client = self.node_client(node)?;
         let mut request = tonic::Request::new(PingRequest {
-            header: Some(PeerHeader {
-                from_node: self.self_id,
-                cluster_id: self.cluster_id.clone(),
-                shard: 0,
-            }),
+            header: Some(self.node_header()),
             boot_id,
         });
         request.set_timeout(timeout);
-        match tokio::time::timeout(timeout, client.ping(request)).await {
-            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
-            Ok(Err(status)) => Err(status.message().to_string()),
-            Ok(Ok(reply)) => Ok(reply.into_inner()),
-        }
+        within(timeout, client.ping(request)).await
     }
 
     /// Asks `node` whether it still holds this node's vote of each item's term for the item's
@@ -310,24 +299,43 @@ impl Peers {
         items: Vec<ConfirmItem>,
         timeout: Duration,
     ) -> std::result::Result<Vec<bool>, String> {
-        let channel = self
-            .channel(node)
-            .ok_or_else(|| format!("node {node} is not a reachable peer"))?;
-        let mut client = RaftTransportClient::new(channel);
+        let mut client = self.node_client(node)?;
         let mut request = tonic::Request::new(ConfirmRequest {
-            header: Some(PeerHeader {
-                from_node: self.self_id,
-                cluster_id: self.cluster_id.clone(),
-                shard: 0,
-            }),
+            header: Some(self.node_header()),
             items,
         });
         request.set_timeout(timeout);
-        match tokio::time::timeout(timeout, client.confirm_leadership(request)).await {
-            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
-            Ok(Err(status)) => Err(status.message().to_string()),
-            Ok(Ok(reply)) => Ok(reply.into_inner().confirmed),
+        Ok(within(timeout, client.confirm_leadership(request))
+            .await?
+            .confirmed)
+    }
+
+    /// A client on `node`'s channel for a node-level message.
+    fn node_client(&self, node: u64) -> std::result::Result<RaftTransportClient<Channel>, String> {
+        self.channel(node)
+            .map(RaftTransportClient::new)
+            .ok_or_else(|| format!("node {node} is not a reachable peer"))
+    }
+
+    /// The header of a node-level message (it names no shard).
+    fn node_header(&self) -> PeerHeader {
+        PeerHeader {
+            from_node: self.self_id,
+            cluster_id: self.cluster_id.clone(),
+            shard: 0,
         }
+    }
+}
+
+/// A node-level call's reply, or why none came within `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    call: impl Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+) -> std::result::Result<T, String> {
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        Ok(Err(status)) => Err(status.message().to_string()),
+        Ok(Ok(reply)) => Ok(reply.into_inner()),
     }
 }
 
