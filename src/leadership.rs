@@ -42,7 +42,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::pb::raft::ConfirmItem;
 use crate::raft::network::Peers;
@@ -92,8 +92,8 @@ struct Group {
 pub struct LeadershipChecks {
     transport: Option<Transport>,
     pending: Mutex<Pending>,
-    /// Messages in flight per peer.
-    outstanding: Arc<Mutex<HashMap<u64, usize>>>,
+    /// Per peer, a permit per message that may be in flight ([`MAX_OUTSTANDING`]).
+    slots: Mutex<HashMap<u64, Arc<Semaphore>>>,
 }
 
 impl std::fmt::Debug for LeadershipChecks {
@@ -122,7 +122,7 @@ impl LeadershipChecks {
         Arc::new(LeadershipChecks {
             transport,
             pending: Mutex::new(Pending::default()),
-            outstanding: Arc::default(),
+            slots: Mutex::default(),
         })
     }
 
@@ -257,8 +257,12 @@ impl LeadershipChecks {
         }
         let shift = (round % peers.len() as u64) as usize;
         peers.rotate_left(shift);
-        let outstanding = self.outstanding.lock().expect("leadership lock");
-        peers.sort_by_key(|p| outstanding.get(p).copied().unwrap_or(0));
+        let slots = self.slots.lock().expect("leadership lock");
+        peers.sort_by_key(|p| {
+            slots
+                .get(p)
+                .map_or(0, |s| MAX_OUTSTANDING - s.available_permits())
+        });
         peers
     }
 
@@ -303,37 +307,13 @@ impl LeadershipChecks {
         }
     }
 
-    /// Takes one of `peer`'s in-flight slots, if it has one free.
-    fn reserve(&self, peer: u64) -> Option<Slot> {
-        let mut outstanding = self.outstanding.lock().expect("leadership lock");
-        let n = outstanding.entry(peer).or_default();
-        if *n >= MAX_OUTSTANDING {
-            return None;
-        }
-        *n += 1;
-        Some(Slot {
-            outstanding: Arc::clone(&self.outstanding),
-            peer,
-        })
-    }
-}
-
-/// An in-flight message to a peer; frees its slot when dropped.
-struct Slot {
-    outstanding: Arc<Mutex<HashMap<u64, usize>>>,
-    peer: u64,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Some(n) = self
-            .outstanding
-            .lock()
-            .expect("leadership lock")
-            .get_mut(&self.peer)
-        {
-            *n = n.saturating_sub(1);
-        }
+    /// Takes one of `peer`'s in-flight slots, if it has one free; dropping it frees the slot.
+    fn reserve(&self, peer: u64) -> Option<OwnedSemaphorePermit> {
+        let mut slots = self.slots.lock().expect("leadership lock");
+        let slot = slots
+            .entry(peer)
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_OUTSTANDING)));
+        Arc::clone(slot).try_acquire_owned().ok()
     }
 }
 
