@@ -515,46 +515,50 @@ impl Inner {
 
     /// Where the next request for `shard` goes: the known leader, else the replicas in
     /// preference order, else any node, else the seeds; addresses in `failed` come last.
+    ///
+    /// On every request: walks the candidates under the map's read lock and copies out only
+    /// the one chosen (the first attempt of a request has no failures, so that is the leader).
     fn route(&self, shard: ShardId, failed: &[String]) -> Target {
         let map = self.read_map();
-        let route = map.routes.get(&shard).cloned().unwrap_or_default();
-        let known = |node: &u64| {
-            map.nodes.get(node).map(|addr| Target {
-                node: Some(*node),
-                addr: addr.clone(),
-            })
-        };
-        let seeds = self.seeds.iter().map(|addr| Target {
-            node: map
+        let route = map.routes.get(&shard);
+        let leader = route.and_then(|r| r.leader);
+        let replicas = route.map_or(&[][..], |r| &r.replicas[..]);
+        let known = |node: u64| map.nodes.get(&node).map(|addr| (Some(node), addr.as_str()));
+        let seeds = self.seeds.iter().map(|addr| {
+            let node = map
                 .nodes
                 .iter()
                 .find(|(_, a)| *a == addr)
-                .map(|(id, _)| *id),
-            addr: addr.clone(),
+                .map(|(id, _)| *id);
+            (node, addr.as_str())
         });
-        let candidates: Vec<Target> = route
-            .leader
-            .iter()
-            .chain(&route.replicas)
-            .filter_map(known)
-            .chain(map.nodes.keys().filter_map(known))
-            .chain(seeds)
-            .collect();
-        candidates
-            .iter()
-            .find(|t| !failed.contains(&t.addr))
+        let candidates = || {
+            leader
+                .into_iter()
+                .chain(replicas.iter().copied())
+                .filter_map(known)
+                .chain(map.nodes.keys().copied().filter_map(known))
+                .chain(seeds.clone())
+        };
+        let chosen = candidates()
+            .find(|(_, addr)| !failed.iter().any(|f| f == addr))
             .or_else(|| {
                 // Everything failed once: start over, least recently failed first.
                 failed
                     .first()
-                    .and_then(|first| candidates.iter().find(|t| t.addr == *first))
+                    .and_then(|first| candidates().find(|(_, addr)| *addr == first))
             })
-            .or(candidates.first())
-            .cloned()
-            .unwrap_or_else(|| Target {
+            .or_else(|| candidates().next());
+        match chosen {
+            Some((node, addr)) => Target {
+                node,
+                addr: addr.to_owned(),
+            },
+            None => Target {
                 node: None,
                 addr: self.seeds[0].clone(),
-            })
+            },
+        }
     }
 
     /// One attempt at `target`, bounded by `deadline`.
