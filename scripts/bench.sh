@@ -66,18 +66,8 @@ fi
 ETCD_VERSION=$(etcd --version 2>/dev/null | sed -n 's/^etcd Version: //p')
 
 # --- build --------------------------------------------------------------------------------
-# KVNODE_BIN_DIR: measure the kvnode and kvctl binaries found there instead of building
-# this checkout (to compare two builds in one session).
-if [ -n "${KVNODE_BIN_DIR:-}" ]; then
-  KVCTL="$KVNODE_BIN_DIR/kvctl"
-  KVNODE="$KVNODE_BIN_DIR/kvnode"
-  BUILD="binaries from $KVNODE_BIN_DIR"
-else
-  cargo build --release --locked --quiet --bin kvnode --bin kvctl
-  KVCTL="${CARGO_TARGET_DIR:-target}/release/kvctl"
-  KVNODE="${CARGO_TARGET_DIR:-target}/release/kvnode"
-  BUILD=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
-fi
+. scripts/lib/measure.sh
+kvnode_binaries
 
 STAMP=$(date +%Y%m%d-%H%M%S)
 RUN=target/bench/run-$STAMP
@@ -141,13 +131,7 @@ etcd_ready() {
     curl -fsS "http://127.0.0.1:2379$i/health" 2>/dev/null | grep -q '"health":"true"' || return 1
   done
 }
-# Every node up, and every shard with a leader (the status table's leader column is nN).
-kvnode_ready() {
-  local out
-  out=$("$KVCTL" -e "$KV_EPS" --timeout 2s status 2>/dev/null) || return 1
-  grep -q '(up 3)' <<<"$out" || return 1
-  awk '$1 ~ /^[0-9]+$/ { n++; if ($3 !~ /^n[0-9]+$/) bad = 1 } END { exit !(n > 0 && !bad) }' <<<"$out"
-}
+kvnode_up() { kvnode_ready "$KV_EPS"; }
 wait_for() {
   local what=$1 check=$2
   for _ in $(seq 1 300); do
@@ -159,7 +143,7 @@ wait_for() {
   exit 1
 }
 wait_for "etcd (3 members, $ETCD_EPS)" etcd_ready
-wait_for "kvnode (3 nodes, $SHARDS shards, $KV_EPS)" kvnode_ready
+wait_for "kvnode (3 nodes, $SHARDS shards, $KV_EPS)" kvnode_up
 if [ "$SHARDS" = 16 ]; then SHARD_NOTE="16 shards (kvnode's default)"; else SHARD_NOTE="$SHARDS shards (kvnode's default is 16)"; fi
 echo "kvnode: 3 nodes, $SHARD_NOTE, replication factor 3, release build; etcd ${ETCD_VERSION:-?}: 3 members, default settings"
 echo "both on loopback on this machine, fsync before every acknowledged write in both, data under $RUN/;"
@@ -167,15 +151,6 @@ echo "the idle cluster keeps running (heartbeats only) while the other is measur
 echo "workloads: $WORKLOADS; $CONCURRENCY in flight, $KEYS keys, $VALUE_BYTES-byte values, $WARMUP warmup + $DURATION per run"
 
 # --- runs ---------------------------------------------------------------------------------
-# CPU time (clock ticks) used so far by the given processes: utime + stime from /proc.
-cpu_ticks() {
-  local total=0 pid f
-  for pid in "$@"; do
-    read -r -a f <"/proc/$pid/stat" || continue
-    total=$((total + f[13] + f[14]))
-  done
-  echo "$total"
-}
 TICKS=$(getconf CLK_TCK)
 CPUS=$(nproc)
 SEQ=0

@@ -57,16 +57,8 @@ if ! command -v perf >/dev/null 2>&1; then
   fi
 fi
 
-if [ -n "${KVNODE_BIN_DIR:-}" ]; then
-  KVCTL="$KVNODE_BIN_DIR/kvctl"
-  KVNODE="$KVNODE_BIN_DIR/kvnode"
-  BUILD="binaries from $KVNODE_BIN_DIR"
-else
-  cargo build --release --locked --quiet --bin kvnode --bin kvctl
-  KVCTL="${CARGO_TARGET_DIR:-target}/release/kvctl"
-  KVNODE="${CARGO_TARGET_DIR:-target}/release/kvnode"
-  BUILD=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
-fi
+. scripts/lib/measure.sh
+kvnode_binaries
 
 RUN=target/profile/run-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUN/logs"
@@ -88,12 +80,7 @@ for i in 1 2 3; do
   PIDS+=($!)
 done
 NODES=$(IFS=,; echo "${PIDS[*]}")
-ready() {
-  local out
-  out=$("$KVCTL" -e "$EPS" --timeout 2s status 2>/dev/null) || return 1
-  grep -q '(up 3)' <<<"$out" || return 1
-  awk '$1 ~ /^[0-9]+$/ { n++; if ($3 !~ /^n[0-9]+$/) bad = 1 } END { exit !(n > 0 && !bad) }' <<<"$out"
-}
+ready() { kvnode_ready "$EPS"; }
 for _ in $(seq 1 300); do ready && break; sleep 0.2; done
 ready || { echo "profile.sh: the cluster did not come up; logs in $RUN/logs/" >&2; exit 1; }
 
@@ -102,17 +89,9 @@ echo "kvnode $BUILD: 3 nodes, $SHARDS shards; $WORKLOAD ($READ_PERCENT% reads, $
   --level "$LEVEL" --concurrency "$CONCURRENCY" --duration "$DURATION" --quiet \
   --json "$RUN/bench.json" >"$RUN/bench.txt" 2>&1 &
 BENCH=$!
-cpu_ticks() {
-  local total=0 pid f
-  for pid in "${PIDS[@]}"; do
-    read -r -a f <"/proc/$pid/stat" || continue
-    total=$((total + f[13] + f[14]))
-  done
-  echo "$total"
-}
 # Sample the middle of the run: after connections, leaders and caches have settled.
 sleep 3
-c0=$(cpu_ticks)
+t0=$(date +%s%N); c0=$(cpu_ticks "${PIDS[@]}")
 # Over the same window: the calls that cost a node per operation whatever the code around them
 # (a task switch, a socket write, a WAL write, a WAL sync).
 EVENTS=context-switches,syscalls:sys_enter_writev,syscalls:sys_enter_pwrite64,syscalls:sys_enter_fdatasync
@@ -120,16 +99,18 @@ perf stat -x, -e "$EVENTS" -p "$NODES" -o "$RUN/stat.csv" -- sleep "$RECORD" >/d
 STAT=$!
 perf record -q -F 999 -p "$NODES" -o "$RUN/perf.data" -- sleep "$RECORD" >/dev/null 2>&1
 wait "$STAT" || echo "profile.sh: perf stat failed (syscall tracepoints need root); counts left out" >&2
-c1=$(cpu_ticks)
+c1=$(cpu_ticks "${PIDS[@]}"); t1=$(date +%s%N)
 wait "$BENCH" || { cat "$RUN/bench.txt" >&2; echo "profile.sh: the load generator failed" >&2; exit 1; }
 cat "$RUN/bench.txt"
 OPS=$(grep -o '[0-9,]* ops/s' "$RUN/bench.txt" | head -1 | tr -d ', ops/')
 CPU_S=$(awk -v c=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" 'BEGIN { print c / hz }')
+# The CPU window is a little longer than the recording (perf starts and writes its file).
+WINDOW_S=$(awk -v ns=$((t1 - t0)) 'BEGIN { print ns / 1e9 }')
 
 # One line per symbol: "percent [k|.] symbol". Classified by the symbol's own name.
 perf report -i "$RUN/perf.data" --no-children --sort sym --stdio -g none --percent-limit 0 2>/dev/null \
   | awk '/^ +[0-9.]+%/ { print }' >"$RUN/symbols.txt"
-awk -v ops="$OPS" -v cpu="$CPU_S" -v rec="$RECORD" '
+awk -v ops="$OPS" -v cpu="$CPU_S" -v win="$WINDOW_S" '
   function crate(s,   t) {
     t = s; sub(/^[<&*( ]+/, "", t); sub(/^dyn /, "", t); sub(/^mut /, "", t)
     sub(/[:<> ].*$/, "", t); return t
@@ -159,8 +140,8 @@ awk -v ops="$OPS" -v cpu="$CPU_S" -v rec="$RECORD" '
   }
   END {
     # CPU per operation: the nodes CPU over the sampled window, per operation at the run rate.
-    per_op = ops > 0 ? cpu / (ops * rec) * 1e6 : 0
-    printf "nodes: %.2f CPU-s in %d s; %s ops/s; %.0f us of node CPU per operation\n\n", cpu, rec, ops, per_op
+    per_op = ops > 0 ? cpu / (ops * win) * 1e6 : 0
+    printf "nodes: %.2f CPU-s in %.1f s; %s ops/s; %.0f us of node CPU per operation\n\n", cpu, win, ops, per_op
     printf "| component | share of samples | us per operation |\n|---|---:|---:|\n"
     n = 0; for (c in share) names[n++] = c
     for (i = 0; i < n; i++) for (j = i + 1; j < n; j++) if (share[names[j]] > share[names[i]]) { t = names[i]; names[i] = names[j]; names[j] = t }
