@@ -80,9 +80,8 @@ for i in 1 2 3; do
   PIDS+=($!)
 done
 NODES=$(IFS=,; echo "${PIDS[*]}")
-ready() { kvnode_ready "$EPS"; }
-for _ in $(seq 1 300); do ready && break; sleep 0.2; done
-ready || { echo "profile.sh: the cluster did not come up; logs in $RUN/logs/" >&2; exit 1; }
+for _ in $(seq 1 300); do kvnode_ready "$EPS" && break; sleep 0.2; done
+kvnode_ready "$EPS" || { echo "profile.sh: the cluster did not come up; logs in $RUN/logs/" >&2; exit 1; }
 
 echo "kvnode $BUILD: 3 nodes, $SHARDS shards; $WORKLOAD ($READ_PERCENT% reads, $LEVEL), $CONCURRENCY in flight, $DURATION"
 "$KVCTL" -e "$EPS" bench --system kvnode --workload "$WORKLOAD" --read-percent "$READ_PERCENT" \
