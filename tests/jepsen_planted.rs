@@ -5,7 +5,15 @@
 //! (`kvctl jepsen check`) gives the same verdicts.
 //!
 //! Each run: 3 nodes, 8 shards, 30 s of partitions that cut one node off (`one`,
-//! `primaries`, `majority`: with 3 nodes the minority is one node), a fault held ~4 s. Runs
+//! `primaries`, `majority`: with 3 nodes the minority is one node), a fault held ~4 s.
+//!
+//! The deposed-leader campaign also gives each request 500 ms instead of 5 s and binds six
+//! workers to each node instead of two. A worker sends every request to its own node, and on
+//! a cut-off node a write waits out its deadline: with the defaults, the two workers bound
+//! there spent most of each ~4 s fault stuck on one write and made 0–2 reads of the deposed
+//! leader, so a run found one to four stale keys and, about one run in five, none (a red
+//! CI). With these settings a fault sees 4–12 such reads, and three runs found 5, 5 and 13
+//! stale keys over the two read levels. Runs
 //! use `--net auto`: iptables in a private network namespace as root, the TCP proxy
 //! otherwise. Run folders are kept under the test target's tmp dir (printed on failure).
 
@@ -17,7 +25,8 @@ struct Outcome {
     report: String,
 }
 
-fn campaign(name: &str, base_port: u16, bug: Option<&str>, levels: &str, seed: u64) -> Outcome {
+/// `options` add to the flags every campaign has: `--levels` at least.
+fn campaign(name: &str, base_port: u16, bug: Option<&str>, options: &[&str], seed: u64) -> Outcome {
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("jepsen-{name}"));
     let mut command = Command::new(env!("CARGO_BIN_EXE_kvctl"));
     command
@@ -29,7 +38,7 @@ fn campaign(name: &str, base_port: u16, bug: Option<&str>, levels: &str, seed: u
         .args(["--time", "30s", "--interval", "4s"])
         .args(["--nemesis", "partition"])
         .args(["--partitions", "one,primaries,majority"])
-        .args(["--levels", levels])
+        .args(options)
         .args(["--seed", &seed.to_string()])
         .args(["--base-port", &base_port.to_string()]);
     if let Some(bug) = bug {
@@ -90,7 +99,13 @@ fn verdicts(report: &str) -> Vec<&str> {
 
 #[test]
 fn with_no_bug_planted_the_same_campaign_passes_and_rechecks_the_same_offline() {
-    let o = campaign("control", 18000, None, "lin,lease,session,bst:500,ev", 11);
+    let o = campaign(
+        "control",
+        18000,
+        None,
+        &["--levels", "lin,lease,session,bst:500,ev"],
+        11,
+    );
     assert_eq!(o.code, Some(0), "a clean build must pass:\n{}", o.report);
     assert!(o.report.contains("verdict: PASS"), "{}", o.report);
     let again = recheck(&o.report);
@@ -99,8 +114,15 @@ fn with_no_bug_planted_the_same_campaign_passes_and_rechecks_the_same_offline() 
 }
 
 /// Runs `bug`'s campaign and asserts it fails, with at least one of `checks` failing.
-fn assert_caught(base_port: u16, bug: &str, levels: &str, seed: u64, checks: &[&str], why: &str) {
-    let o = campaign(bug, base_port, Some(bug), levels, seed);
+fn assert_caught(
+    base_port: u16,
+    bug: &str,
+    options: &[&str],
+    seed: u64,
+    checks: &[&str],
+    why: &str,
+) {
+    let o = campaign(bug, base_port, Some(bug), options, seed);
     assert_eq!(
         o.code,
         Some(1),
@@ -122,7 +144,7 @@ fn a_follower_serving_linearizable_reads_locally_is_caught() {
     assert_caught(
         18200,
         "follower-local-read",
-        "lin",
+        &["--levels", "lin"],
         12,
         &["linearizable (lin/fri)"],
         "stale follower reads are a linearizability violation",
@@ -134,7 +156,14 @@ fn a_leader_serving_reads_without_confirming_leadership_is_caught() {
     assert_caught(
         18400,
         "leader-no-confirm",
-        "lin,lease",
+        &[
+            "--levels",
+            "lin,lease",
+            "--timeout",
+            "500ms",
+            "--workers-per-node",
+            "6",
+        ],
         13,
         &["linearizable (lin/fri)", "lease (linearizable)"],
         "a deposed leader's reads are stale",
@@ -146,7 +175,7 @@ fn acknowledging_uncommitted_writes_is_caught() {
     assert_caught(
         18600,
         "ack-uncommitted",
-        "lin",
+        &["--levels", "lin"],
         14,
         &["set (lost writes)", "linearizable (lin/fri)"],
         "acknowledged writes that never commit, or whose outcome was guessed, break the history",
