@@ -12,8 +12,8 @@
 //! a cut-off node a write waits out its deadline: with the defaults, the two workers bound
 //! there spent most of each ~4 s fault stuck on one write and made 0–2 reads of the deposed
 //! leader, so a run found up to three stale keys and one run in four found none (a red
-//! CI). With these settings a fault sees 4–12 such reads, and three runs found 5, 5 and 13
-//! stale keys over the two read levels.
+//! CI). With these settings a fault sends 4–12 reads to the cut-off node (2–8 served), and
+//! three runs found 6, 5 and 13 stale keys over the two read levels.
 //!
 //! Runs use `--net auto`: iptables in a private network namespace as root, the TCP proxy
 //! otherwise. Run folders are kept under the test target's tmp dir (printed on failure).
