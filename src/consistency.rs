@@ -95,7 +95,9 @@ pub struct ReadReceipt {
     pub node: u64,
     /// The key's shard.
     pub shard: u64,
-    /// The served state includes the shard's log up to at least this index.
+    /// The served value reflects the shard's log up to at least this index: the replica's
+    /// applied index, or the key's own last write if an apply in progress made it visible
+    /// first. A session token advanced to it never lets a later read go back in time.
     pub applied_index: u64,
     /// How stale the served state may be.
     pub staleness: Staleness,

@@ -27,6 +27,7 @@ use crate::consistency::{ReadOptions, WriteReceipt};
 use crate::error::{Error, Result};
 use crate::hibernation::{Controller, new_boot_id};
 use crate::leadership::LeadershipChecks;
+use crate::raft::commit_horizon::CommitHorizon;
 use crate::raft::network::{NoPeers, Peers, ShardNetwork};
 use crate::raft::{Command, CommandResult};
 use crate::reply::{CasReply, DeleteReply, GetReply};
@@ -107,12 +108,17 @@ impl Node {
             let peers = peers.clone();
             let checks = Arc::clone(&checks);
             async move {
+                let horizon = Arc::new(CommitHorizon::default());
                 match peers {
                     Some(peers) => {
-                        let network = ShardNetwork::new(peers.clone(), id);
+                        let network = ShardNetwork::new(peers.clone(), id, Arc::clone(&horizon));
+                        let network = (network, horizon);
                         Shard::open(store, config, id, network, Some(peers), checks).await
                     }
-                    None => Shard::open(store, config, id, NoPeers, None, checks).await,
+                    None => {
+                        let network = (NoPeers, horizon);
+                        Shard::open(store, config, id, network, None, checks).await
+                    }
                 }
             }
         }))

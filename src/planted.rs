@@ -29,15 +29,21 @@ pub enum Bug {
     /// vote it holds (stale linearizable reads from a deposed leader that can still reach the
     /// group, e.g. one resumed after a pause).
     ConfirmAnyVote,
+    /// `read-index-applied`: a leader's node-level read index is its applied index alone, not
+    /// raised to the last apply started and the highest commit index sent to a peer (stale
+    /// linearizable reads while the leader's apply lags its commit: a follower shows an entry
+    /// the leader has not applied yet).
+    ReadIndexApplied,
 }
 
 impl Bug {
     /// Every bug, in the order they are documented.
-    pub const ALL: [Bug; 4] = [
+    pub const ALL: [Bug; 5] = [
         Bug::FollowerLocalRead,
         Bug::LeaderNoConfirm,
         Bug::AckUncommitted,
         Bug::ConfirmAnyVote,
+        Bug::ReadIndexApplied,
     ];
 
     /// The bug's name in [`ENV_VAR`].
@@ -47,6 +53,7 @@ impl Bug {
             Bug::LeaderNoConfirm => "leader-no-confirm",
             Bug::AckUncommitted => "ack-uncommitted",
             Bug::ConfirmAnyVote => "confirm-any-vote",
+            Bug::ReadIndexApplied => "read-index-applied",
         }
     }
 }

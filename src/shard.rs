@@ -38,6 +38,7 @@ use crate::consistency::{Fallback, ReadLevel, ReadReceipt, ServedLevel, Stalenes
 use crate::error::{Error, Result};
 use crate::hibernation::{Activity, Group};
 use crate::leadership::{LeadershipChecks, Outcome};
+use crate::raft::commit_horizon::CommitHorizon;
 use crate::raft::network::Peers;
 use crate::raft::{
     Command, CommandResult, LogStore, ShardRaft, StateMachine, StateReader, TypeConfig,
@@ -89,6 +90,11 @@ pub struct Shard {
     /// acknowledgement), less one heartbeat interval of margin: past it, a write renews the
     /// lease first (see [`Shard::renew_lapsed_lease`]).
     lease_renew_after: Duration,
+    /// The highest commit index this replica has sent a peer (part of a leader's read index).
+    horizon: Arc<CommitHorizon>,
+    /// Test builds: holds this replica's applies (see [`crate::raft::apply_stall`]).
+    #[cfg(feature = "planted-bugs")]
+    stall: Arc<crate::raft::apply_stall::ApplyStall>,
     /// Logs every leadership change of the group (kept alive with the shard).
     _leader_log: openraft::WatchChangeHandle<TypeConfig>,
 }
@@ -134,11 +140,12 @@ pub fn raft_config(config: &Config, shard: u64) -> Result<openraft::Config> {
 impl Shard {
     /// Opens shard `id`'s replica on this node: its log in the WAL, its state machine (restored
     /// from a snapshot if sled fell behind the log's purge point), and its Raft group.
+    /// `network` must record every commit index it sends in `horizon`.
     pub async fn open<N>(
         store: &Store,
         config: &Config,
         id: u64,
-        network: N,
+        (network, horizon): (N, Arc<CommitHorizon>),
         peers: Option<Arc<Peers>>,
         checks: Arc<LeadershipChecks>,
     ) -> Result<Shard>
@@ -153,6 +160,8 @@ impl Shard {
         let purged = log.last_purged().map_err(|e| io_to_error(id, e))?;
         let sm = StateMachine::open(store, id, purged.as_ref()).map_err(|e| io_to_error(id, e))?;
         let reader = sm.reader();
+        #[cfg(feature = "planted-bugs")]
+        let stall = sm.stall();
         let raft_config = Arc::new(raft_config(config, id)?);
         let raft = ShardRaft::new(config.node_id, raft_config, network, log.clone(), sm)
             .await
@@ -186,6 +195,9 @@ impl Shard {
                     .election_timeout_max_ms
                     .saturating_sub(config.heartbeat_interval_ms),
             ),
+            horizon,
+            #[cfg(feature = "planted-bugs")]
+            stall,
             _leader_log: leader_log,
         })
     }
@@ -529,19 +541,30 @@ impl Shard {
         Ok(index)
     }
 
-    /// The applied index, if a node-level leadership check confirms (in a round that starts
-    /// after this call) that this replica still leads the term of an applied entry it proposed.
-    /// `None` sends the caller to openraft's round: just elected (nothing of this term applied
-    /// yet), not leading, a joint membership, or no majority confirmed.
+    /// A read index without a round through openraft's core (see [`crate::leadership`] §1):
+    /// captured now, at the read's start, as the larger of the last index whose apply started
+    /// here and the highest commit index sent to a peer, and returned if a node-level
+    /// leadership check confirms (in a round that starts after this call) that this replica
+    /// still leads the term of an applied entry it proposed. `None` sends the caller to
+    /// openraft's round: not leading right now (e.g. restarted with its old vote, which peers
+    /// still hold), just elected (nothing of this term applied yet), a joint membership, or no
+    /// majority confirmed.
     async fn confirmed_read_index(&self) -> Option<u64> {
-        let position = self.reader.applied_position();
-        if position.leader != self.node_id || !self.log.holds_vote_for(position.term, self.node_id)
-        {
-            return None;
-        }
         let voters: Vec<u64> = {
             let metrics = self.raft.metrics();
             let m = metrics.borrow_watched();
+            // Leading right now, with a vote of this node that a quorum granted: a replica
+            // restarted with its old vote starts as a follower and stays one until it wins a
+            // new election, even while its peers still hold the old vote.
+            let position = self.reader.applied_position();
+            if m.state != openraft::ServerState::Leader
+                || !m.vote.committed
+                || m.vote.leader_id.node_id != self.node_id
+                || m.vote.leader_id.term != position.term
+                || position.leader != self.node_id
+            {
+                return None;
+            }
             match m
                 .membership_config
                 .membership()
@@ -555,6 +578,13 @@ impl Shard {
         if !voters.contains(&self.node_id) {
             return None;
         }
+        // The term of an applied entry this replica proposed, and the stored vote still ours.
+        let position = self.reader.applied_position();
+        if position.leader != self.node_id || !self.log.holds_vote_for(position.term, self.node_id)
+        {
+            return None;
+        }
+        let index = self.captured_read_index(position.index);
         let need = voters.len() / 2; // a majority, less this replica's own vote
         let others = voters.into_iter().filter(|v| *v != self.node_id).collect();
         match self
@@ -562,9 +592,30 @@ impl Shard {
             .confirm(self.id, position.term, others, need)
             .await
         {
-            Outcome::Confirmed => Some(position.index),
+            Outcome::Confirmed => Some(index),
             Outcome::Refused | Outcome::NoQuorum => None,
         }
+    }
+
+    /// The read index captured at a leader's read start: at or above every write that any
+    /// replica may have made visible, so far (see [`crate::leadership`] §1). `applied` is the
+    /// applied index the caller checked the term of.
+    fn captured_read_index(&self, applied: u64) -> u64 {
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active() == Some(crate::planted::Bug::ReadIndexApplied) {
+            return applied;
+        }
+        applied
+            .max(self.reader.apply_started())
+            .max(self.horizon.get())
+    }
+
+    /// Test builds: the hook that holds this replica's applies (see
+    /// [`crate::raft::apply_stall`]).
+    #[cfg(feature = "planted-bugs")]
+    #[doc(hidden)]
+    pub fn apply_stall(&self) -> &crate::raft::apply_stall::ApplyStall {
+        &self.stall
     }
 
     /// True if this replica's stored vote names `leader` as the leader of `term` (a peer's
@@ -626,18 +677,19 @@ impl Shard {
             .map_or(Staleness::Unknown, Staleness::AtMost))
     }
 
-    /// Reads local state: the applied index first, so the value reflects at least that much.
+    /// Reads local state. The receipt's index is the one the served value is current as of:
+    /// the applied index, or the key's own last write if that is later (an apply in
+    /// progress), so a session token built from it never lets a later read go back in time.
     fn local(
         &self,
         key: &[u8],
         level: ServedLevel,
         staleness: Staleness,
     ) -> Result<(Option<VersionedValue>, ReadReceipt)> {
-        let applied_index = self
+        let (value, applied_index) = self
             .reader
-            .applied_index()
+            .get_as_of(key)
             .map_err(|e| io_to_error(self.id, e))?;
-        let value = self.reader.get(key).map_err(|e| io_to_error(self.id, e))?;
         Ok((
             value,
             ReadReceipt {

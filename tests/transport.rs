@@ -336,7 +336,11 @@ async fn messages_from_strangers_garbage_and_damaged_snapshots_are_refused() {
     // (it backs off), and the receiver's term is unchanged.
     let mut intruder = cluster.local.config(1).clone();
     intruder.cluster_id = "intruders".to_string();
-    let mut network = ShardNetwork::new(Peers::new(&intruder).unwrap(), SHARD);
+    let mut network = ShardNetwork::new(
+        Peers::new(&intruder).unwrap(),
+        SHARD,
+        std::sync::Arc::default(),
+    );
     let mut peer = network
         .new_client(TARGET, &openraft::BasicNode::default())
         .await;

@@ -5,7 +5,10 @@
 //! appears outside this module except through the aliases below, so an upgrade touches one
 //! place.
 
+#[cfg(feature = "planted-bugs")]
+pub mod apply_stall;
 pub mod command;
+pub mod commit_horizon;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;

@@ -51,6 +51,7 @@ use crate::pb::raft::raft_transport_client::RaftTransportClient;
 use crate::pb::raft::{
     ConfirmItem, ConfirmRequest, PeerHeader, PingReply, PingRequest, RaftRequest, SnapshotChunk,
 };
+use crate::raft::commit_horizon::CommitHorizon;
 use crate::raft::{Snapshot, TypeConfig, Vote};
 use crate::storage::SnapshotFile;
 use crate::storage::codec::{decode_serde, encode_serde};
@@ -355,12 +356,18 @@ pub enum ReadIndexReply {
 pub struct ShardNetwork {
     peers: Arc<Peers>,
     shard: u64,
+    /// Every commit index sent to a peer, recorded before it leaves (see [`CommitHorizon`]).
+    horizon: Arc<CommitHorizon>,
 }
 
 impl ShardNetwork {
-    /// The network of `shard`.
-    pub fn new(peers: Arc<Peers>, shard: u64) -> ShardNetwork {
-        ShardNetwork { peers, shard }
+    /// The network of `shard`; it records in `horizon` every commit index it sends.
+    pub fn new(peers: Arc<Peers>, shard: u64, horizon: Arc<CommitHorizon>) -> ShardNetwork {
+        ShardNetwork {
+            peers,
+            shard,
+            horizon,
+        }
     }
 }
 
@@ -381,6 +388,7 @@ impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
             shard: self.shard,
             target,
             client,
+            horizon: Arc::clone(&self.horizon),
         }
     }
 }
@@ -393,6 +401,7 @@ pub struct PeerClient {
     shard: u64,
     target: u64,
     client: Option<RaftTransportClient<Channel>>,
+    horizon: Arc<CommitHorizon>,
 }
 
 /// The RPCs of the peer transport (for errors and logs).
@@ -650,6 +659,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // Before the message can reach the peer: the read path relies on no peer knowing of a
+        // commit index above the horizon (see `raft::commit_horizon`).
+        if let Some(committed) = &rpc.leader_commit {
+            self.horizon.record(committed.index());
+        }
         self.unary(Rpc::AppendEntries, &rpc, &option).await
     }
 

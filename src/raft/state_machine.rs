@@ -52,6 +52,9 @@ pub struct StateMachine {
     /// The applied position, published after each batch or snapshot load is visible in the
     /// tree, so readers need not read and decode the applied marker from sled on every read.
     applied: Arc<Published>,
+    /// Test builds: holds applies at a chosen stage (see [`crate::raft::apply_stall`]).
+    #[cfg(feature = "planted-bugs")]
+    stall: Arc<crate::raft::apply_stall::ApplyStall>,
 }
 
 /// The applied position as readers see it.
@@ -62,6 +65,9 @@ struct Published {
     /// The leader `(term, node)` that proposed the entry at `index` or earlier; written after
     /// `index`, so an `index` read after it is at least the index it was published with.
     leader: Mutex<(u64, u64)>,
+    /// The last index whose apply has started: raised before the first key write of a chunk
+    /// (or a snapshot load), so no key in the tree holds a write past it. At least `index`.
+    started: AtomicU64,
 }
 
 /// A state machine's applied position: see [`StateReader::applied_position`].
@@ -125,6 +131,29 @@ impl StateReader {
             index: self.applied.index.load(Ordering::Acquire),
         }
     }
+
+    /// The last index whose apply has started: every key write visible in local state now is
+    /// at or below it (it is at least [`StateReader::applied_index`]). Part of a leader's read
+    /// index (see [`crate::leadership`]).
+    pub fn apply_started(&self) -> u64 {
+        self.applied.started.load(Ordering::Acquire)
+    }
+
+    /// A key's value and the log index as of which local state served it: the applied index
+    /// read first, raised to the key's own last write (value or tombstone). Keys of a chunk
+    /// being applied become visible one by one before the chunk's index is published, so a
+    /// key can show a write past the applied index; its value is then the key's state as of
+    /// that write, and a receipt naming only the applied index would under-report it.
+    pub fn get_as_of(&self, key: &[u8]) -> io::Result<(Option<VersionedValue>, u64)> {
+        let applied = self.applied.index.load(Ordering::Acquire);
+        let stored = self.tree.stored(key)?;
+        let as_of = stored.last_write().map_or(applied, |w| w.max(applied));
+        let value = stored.value.map(|v| VersionedValue {
+            version: v.version,
+            value: v.value,
+        });
+        Ok((value, as_of))
+    }
 }
 
 /// Hands openraft the snapshot [`StateMachine`] built while applies were paused.
@@ -161,6 +190,8 @@ impl StateMachine {
             snapshots,
             current,
             applied: Arc::default(),
+            #[cfg(feature = "planted-bugs")]
+            stall: Arc::default(),
         };
         let applied = sm.last_applied()?;
         if let Some(purged) = purged
@@ -212,6 +243,11 @@ impl StateMachine {
     /// Replaces the tree with the contents of a verified snapshot file.
     fn load(&mut self, meta: &SnapshotMeta, file: &SnapshotFile) -> io::Result<()> {
         let (_, pairs) = file.read()?;
+        if let Some(last) = &meta.last_log_id {
+            self.applied
+                .started
+                .fetch_max(last.index(), Ordering::AcqRel);
+        }
         let applied = meta.last_log_id.as_ref().map(encode_serde);
         let membership = encode_serde(&meta.last_membership);
         self.tree
@@ -223,9 +259,16 @@ impl StateMachine {
     /// Publishes `applied` to readers; call only once the state it names is visible.
     fn publish_applied(&self, applied: Option<&LogId>) {
         let index = applied.map_or(0, |l| l.index());
+        self.applied.started.fetch_max(index, Ordering::AcqRel);
         self.applied.index.store(index, Ordering::Release);
         let leader = applied.map_or((0, 0), |l| (l.leader_id.term, l.leader_id.node_id));
         *self.applied.leader.lock().expect("applied lock") = leader;
+    }
+
+    /// Test builds: the hook that holds this state machine's applies.
+    #[cfg(feature = "planted-bugs")]
+    pub fn stall(&self) -> Arc<crate::raft::apply_stall::ApplyStall> {
+        Arc::clone(&self.stall)
     }
 
     /// A read handle on this state machine's data.
@@ -289,9 +332,20 @@ impl StateMachine {
     }
 
     /// Applies one chunk of entries and answers their responders.
-    fn apply_chunk(&mut self, chunk: Vec<EntryResponder<TypeConfig>>) -> io::Result<()> {
+    async fn apply_chunk(&mut self, chunk: Vec<EntryResponder<TypeConfig>>) -> io::Result<()> {
         let (entries, responders): (Vec<_>, Vec<_>) = chunk.into_iter().unzip();
-        let results = self.apply_entries(entries)?;
+        #[cfg(feature = "planted-bugs")]
+        self.stall
+            .pass(crate::raft::apply_stall::Stage::BeforeWrite)
+            .await;
+        let (results, written) = self.write_entries(entries, usize::MAX)?;
+        #[cfg(feature = "planted-bugs")]
+        self.stall
+            .pass(crate::raft::apply_stall::Stage::BeforePublish)
+            .await;
+        if let Some(last) = written {
+            self.publish_applied(Some(&last));
+        }
         for (responder, result) in responders.into_iter().zip(results) {
             if let Some(responder) = responder {
                 responder.send(result);
@@ -316,8 +370,25 @@ impl StateMachine {
         entries: Vec<Entry>,
         limit: usize,
     ) -> io::Result<(Vec<CommandResult>, bool)> {
+        let empty = entries.is_empty();
+        let (results, written) = self.write_entries(entries, limit)?;
+        let complete = empty || written.is_some();
+        if let Some(last) = written {
+            self.publish_applied(Some(&last));
+        }
+        Ok((results, complete))
+    }
+
+    /// Decides `entries` and writes their keys, stopping after `limit` sled operations;
+    /// returns each entry's result and, if the writes ran to the end, the last log id (to be
+    /// published by the caller). `started` is raised before the first key write.
+    fn write_entries(
+        &mut self,
+        entries: Vec<Entry>,
+        limit: usize,
+    ) -> io::Result<(Vec<CommandResult>, Option<LogId>)> {
         let Some(last) = entries.last().map(|e| e.log_id) else {
-            return Ok((Vec::new(), true));
+            return Ok((Vec::new(), None));
         };
         let mut overlay: HashMap<Vec<u8>, Option<Versioned>> = HashMap::new();
         let mut writes = Vec::new();
@@ -335,13 +406,13 @@ impl StateMachine {
             });
         }
         let membership = membership.as_ref().map(encode_serde);
+        self.applied
+            .started
+            .fetch_max(last.index(), Ordering::AcqRel);
         let complete =
             self.tree
                 .apply_prefix(&writes, &encode_serde(&last), membership.as_deref(), limit)?;
-        if complete {
-            self.publish_applied(Some(&last));
-        }
-        Ok((results, complete))
+        Ok((results, complete.then_some(last)))
     }
 
     /// Decides one command against the tree plus the chunk's earlier writes (`overlay`).
@@ -451,10 +522,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         while let Some(item) = entries.next().await {
             chunk.push(item?);
             if chunk.len() == APPLY_CHUNK {
-                self.apply_chunk(std::mem::take(&mut chunk))?;
+                self.apply_chunk(std::mem::take(&mut chunk)).await?;
             }
         }
-        self.apply_chunk(chunk)
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.apply_chunk(chunk).await
     }
 
     async fn try_create_snapshot_builder(&mut self, _force: bool) -> Option<Self::SnapshotBuilder> {

@@ -172,6 +172,12 @@ impl TreeReader {
         let tree = self.tree.read().expect("tree lock poisoned");
         get_versioned(&tree, key, &self.db_path, self.shard)
     }
+
+    /// Reads a user key's value and tombstone (see [`Stored`]).
+    pub fn stored(&self, key: &[u8]) -> Result<Stored> {
+        let tree = self.tree.read().expect("tree lock poisoned");
+        get_stored(&tree, key, &self.db_path, self.shard)
+    }
 }
 
 fn get_versioned(
