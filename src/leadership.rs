@@ -1,18 +1,35 @@
 //! Node-level leadership checks: one peer message per round confirms every group this node leads.
 //!
-//! A linearizable read needs a **read index**: an index at or above every write acknowledged
-//! before the read began. openraft's `ReadIndex` linearizer gets one per group by sending that
+//! A linearizable read needs a **read index**: an index at or above every write acknowledged,
+//! or visible on any replica, before the read began. openraft's `ReadIndex` linearizer gets one per group by sending that
 //! group's heartbeats through its core task and replication tasks. With many groups per node
 //! that is a round of task handoffs and peer messages per group, which is what made
 //! linearizable gets cost more than etcd's. kvnode obtains the same proof once per node per
 //! round instead (TiKV batches its read-index messages per peer in the same spirit):
 //!
-//! 1. **At the read's start**, on the leader `L` (see `Shard::confirmed_read_index`): the state
-//!    machine's applied position `(index i, leader (T, L) of the entry at i)` is read, and `L`'s
-//!    own stored vote must still be `(T, L)`. Every write acknowledged before now is at or
-//!    below `i`: `L` acknowledges its writes only after applying them, and writes acknowledged
-//!    by earlier leaders are committed before `L`'s first entry of term `T`, which is at or
-//!    below `i` since an entry of `(T, L)` is applied.
+//! 1. **At the read's start**, on the leader `L` (see `Shard::confirmed_read_index`): `L`
+//!    must lead right now (openraft's state is leader, with a vote `(T, L)` a quorum granted),
+//!    an entry `L` proposed in term `T` must be applied here, and `L`'s stored vote must still
+//!    be `(T, L)`. The read index `i` is then captured as the larger of
+//!    - the last index whose apply has started on `L`: every write `L` acknowledged, and every
+//!      key its state shows (keys of an apply become visible one by one), is at or below it;
+//!    - the highest commit index `L` has sent to any peer ([`crate::raft::commit_horizon`]): a
+//!      follower applies only entries it knows are committed, and learns that only from `L`'s
+//!      `AppendEntries` (or a snapshot `L` built from applied state), so every entry a
+//!      follower may have applied, and shown to a client, is at or below it.
+//!
+//!    Entries committed by earlier leaders precede `L`'s first entry of term `T`, which is
+//!    applied. So `i` is at or above every write that any replica may have made visible before
+//!    the read began, acknowledged or not, and the read is served once `L` has applied `i`.
+//!    `L`'s applied index alone is not enough: with `L`'s apply paused (a snapshot build, a
+//!    long chunk), a follower may already have applied and served a committed entry `L` has
+//!    not, and a read on `L` after it would go back in time. Nor is a stored vote alone: after
+//!    a restart openraft starts `L` as a follower with its vote unchanged, its peers hold that
+//!    vote until the next election, and its applied state may be behind writes it acknowledged
+//!    before a power loss; it serves a read index again only after winning an election, with
+//!    an entry of the new term applied. (Planted bug `read-index-applied` keeps the applied
+//!    index alone, for the fault tester; `tests/consistency.rs` holds a leader's apply and
+//!    shows the window deterministically.)
 //! 2. **A round that starts after the read's start** asks every other voter of the group
 //!    whether its stored vote is still `(T, L)`. Votes only grow, and a voter's stored vote
 //!    changes before it grants a vote to anyone else (the WAL's in-memory copy is updated when
