@@ -15,22 +15,30 @@
 //!
 //! One task per node evaluates them every heartbeat interval.
 //!
-//! - **Liveness.** The task pings every peer (`Ping` on the peer transport, over the same
-//!   channel as Raft traffic, so a partition cuts both alike). A reply carries the peer's boot
-//!   id and the shards whose group it leads at that moment.
+//! - **Liveness, both ways.** The task pings every peer (`Ping` on the peer transport, over
+//!   the same channel as Raft traffic, so a partition cuts both alike). A reply carries the
+//!   peer's boot id and the shards whose group it leads at that moment; an answered ping shows
+//!   that this node reaches the peer (*outbound* evidence). Each node's channel to a peer is
+//!   its own connection, though, and can fail alone: the peer's pings to this node, and any
+//!   other peer message admitted here (`Peers::admit_from`), show that the peer reaches this
+//!   node (*inbound* evidence). Every node pings every peer each interval, so both kinds
+//!   arrive every interval while the link works. A peer is **reachable both ways** within a
+//!   window if it answered a ping and a message from it arrived, both within the window.
 //! - **A leader hibernates** its group (openraft's tick off: no heartbeats, no timers) when
 //!   there was no write and no quorum read for `hibernate_after_ms`, the log is committed and
 //!   applied and every other replica has acknowledged all of it, and every other replica's node
-//!   answered a ping within the last two heartbeat intervals. It wakes on the next write or
-//!   quorum read ([`Activity::wake`]), when a replica's node misses two pings, and when one
-//!   comes back (answers again, or answers with a new boot id): then it also sends a heartbeat
-//!   at once and stays awake for `hibernate_after_ms`, so a restarted follower hears from its
-//!   leader before its own election timer fires.
-//! - **A follower hibernates** while the leader it knows answered a ping within the election
-//!   timeout (the minimum plus a fixed per-shard, per-node jitter inside the election timeout
-//!   range, which plays the part of Raft's randomized timeout) and listed the shard among those
-//!   it leads. Otherwise its timers run; having heard no heartbeat for long, it campaigns at
-//!   its next tick, with pre-vote, so a leader that a quorum still follows is not disrupted.
+//!   was reachable both ways within the last two heartbeat intervals. It wakes on the next
+//!   write or quorum read ([`Activity::wake`]), when a replica's node stops being reachable
+//!   either way (its answers or its messages stop for two intervals), and when one comes back
+//!   (answers again, or answers with a new boot id): then it also sends a heartbeat at once
+//!   and stays awake for `hibernate_after_ms`, so a restarted follower hears from its leader
+//!   before its own election timer fires.
+//! - **A follower hibernates** while the leader it knows was reachable both ways within the
+//!   election timeout (the minimum plus a fixed per-shard, per-node jitter inside the election
+//!   timeout range, which plays the part of Raft's randomized timeout) and its last answer
+//!   listed the shard among those it leads. Otherwise its timers run; having heard no
+//!   heartbeat for long, it campaigns at its next tick, with pre-vote, so a leader that a
+//!   quorum still follows is not disrupted.
 //! - Every other replica (a candidate, one that knows no leader) keeps its timers on.
 //!
 //! # Why this is safe
@@ -44,6 +52,35 @@
 //! spell; `Shard::write`). A follower's bounded-staleness proofs come from read-index rounds
 //! ([`crate::read_index`]), not from heartbeats. What hibernation changes is failure detection: from per-group
 //! heartbeats to per-node pings, with the same timeouts.
+//!
+//! That detection must see what a heartbeat would, in the direction a heartbeat travels. An
+//! awake follower campaigns when its leader's messages stop arriving, whatever it can itself
+//! send; its own answered pings prove only that it reaches the leader's node. Were they
+//! enough, a leader whose node could no longer send to its followers' nodes (a one-way
+//! failure: its connections to them fail, theirs to it work) would keep them asleep for ever:
+//! its heartbeats and quorum rounds fail, its lease lapses, reads and writes fail, and nobody
+//! campaigns. Hence the inbound half: a follower stays asleep only while messages from its
+//! leader's node keep arriving within its election timeout, so a leader that cannot reach it
+//! is noticed when, and as, an awake follower would notice it (the leader's messages stop
+//! arriving). Its timers then run; with no heartbeat for long it campaigns with pre-vote, and
+//! if that leader reaches no majority, a majority of followers in the same position (their
+//! leases lapsed with the leader's heartbeats) elects a new leader. The outbound half stays
+//! too: a message from the leader's node says nothing of which groups it leads, and the ping
+//! reply that lists them is fresh only in the outbound direction, so neither direction is
+//! taken as proof of the other. Requiring more evidence to sleep only wakes a follower
+//! sooner, and an awake follower is exactly an unhibernated one; as before, the evidence is
+//! per node, not per group.
+//!
+//! The leader side mirrors it. A leader that cannot reach a replica's node sees its pings go
+//! unanswered and stays awake (its heartbeats are then what they always were: attempts). A
+//! leader that a replica's node cannot reach sees that node's messages stop and stays awake
+//! too: the replica, unable to reach it, wakes and would campaign, and the leader's
+//! heartbeats, which still arrive, are what stop it (they reset its election timer, and a
+//! quorum that keeps acknowledging them makes the leader and that quorum refuse its votes),
+//! as in an unhibernated group. So a link that works one way only keeps awake both the
+//! follower and the leader at its ends, and nobody sleeps on evidence the failure falsified.
+//! The budget is unchanged: one ping per peer per interval; the inbound evidence is the
+//! peers' own pings (or Raft traffic), counted where they arrive.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -131,9 +168,11 @@ pub struct Timeouts {
     pub interval: Duration,
     /// Idle time before a leader hibernates its group.
     pub hibernate_after: Duration,
-    /// A replica's node silent for this long keeps its leader's groups awake (two intervals).
+    /// A replica's node unreachable either way for this long (no answer, or no message from
+    /// it) keeps its leader's groups awake (two intervals).
     pub suspect_after: Duration,
-    /// A leader's node silent for this long (plus jitter) wakes its followers' timers.
+    /// A leader's node unreachable either way for this long (plus jitter) wakes its
+    /// followers' timers.
     pub leader_silent_after: Duration,
     /// The width of the election timeout range, for the per-shard jitter.
     pub jitter: Duration,
@@ -169,8 +208,10 @@ impl Timeouts {
 /// What the controller knows of one peer node.
 #[derive(Debug, Default, Clone)]
 pub struct PeerLiveness {
-    /// When it last answered a ping.
+    /// When it last answered a ping (it was reachable from this node).
     pub last_answer: Option<Instant>,
+    /// When a message from it last arrived here (this node was reachable from it).
+    pub last_heard: Option<Instant>,
     /// Its boot id in that answer.
     pub boot_id: Option<u64>,
     /// The shards it led at that answer.
@@ -207,12 +248,33 @@ impl Liveness {
         was_silent || restarted
     }
 
+    /// Records that a message from `node` arrived here at `at` (the latest arrival the
+    /// transport saw; `None` if nothing ever arrived). Never moves the record back in time.
+    pub fn heard(&mut self, node: u64, at: Option<Instant>) {
+        let peer = self.peers.entry(node).or_default();
+        peer.last_heard = peer.last_heard.max(at);
+    }
+
     /// True if `node` answered within `within` of `now`.
     pub fn answered_within(&self, node: u64, now: Instant, within: Duration) -> bool {
         self.peers
             .get(&node)
             .and_then(|p| p.last_answer)
             .is_some_and(|t| now.saturating_duration_since(t) <= within)
+    }
+
+    /// True if a message from `node` arrived within `within` of `now`.
+    pub fn heard_within(&self, node: u64, now: Instant, within: Duration) -> bool {
+        self.peers
+            .get(&node)
+            .and_then(|p| p.last_heard)
+            .is_some_and(|t| now.saturating_duration_since(t) <= within)
+    }
+
+    /// True if `node` was reachable both ways within `within` of `now`: it answered one of
+    /// this node's pings, and a message from it arrived here (see the module doc).
+    pub fn reachable_both_ways(&self, node: u64, now: Instant, within: Duration) -> bool {
+        self.answered_within(node, now, within) && self.heard_within(node, now, within)
     }
 
     /// True if `node`'s last answer listed `shard` among the shards it leads.
@@ -278,10 +340,10 @@ impl Round<'_> {
                 if others.iter().any(|o| self.returned.contains(o)) {
                     return Decision::WakeAndHeartbeat;
                 }
-                let everyone_answers = others
+                let everyone_reachable = others
                     .iter()
-                    .all(|o| live.answered_within(*o, now, t.suspect_after));
-                if *settled && everyone_answers && idle_for >= t.hibernate_after {
+                    .all(|o| live.reachable_both_ways(*o, now, t.suspect_after));
+                if *settled && everyone_reachable && idle_for >= t.hibernate_after {
                     Decision::Sleep
                 } else {
                     Decision::Wake
@@ -291,7 +353,7 @@ impl Round<'_> {
                 leader: Some(leader),
             } if *leader != self.me => {
                 let patience = t.leader_patience(self.me, shard);
-                if live.answered_within(*leader, now, patience) && live.leads(*leader, shard) {
+                if live.reachable_both_ways(*leader, now, patience) && live.leads(*leader, shard) {
                     Decision::Sleep
                 } else {
                     Decision::Wake
@@ -425,7 +487,8 @@ impl Controller {
     }
 }
 
-/// Pings every peer at once; records the answers and returns the peers that came back.
+/// Pings every peer at once; records the answers and the latest message from each peer
+/// that arrived here, and returns the peers that came back.
 async fn ping_all(
     peers: &Peers,
     me: u64,
@@ -454,6 +517,7 @@ async fn ping_all(
             );
             returned.insert(node);
         }
+        liveness.heard(node, peers.heard_from(node));
     }
     returned
 }
@@ -487,6 +551,8 @@ mod tests {
         let mut live = Liveness::default();
         live.record(2, now, answer(7, &[]), t.suspect_after);
         live.record(3, now, answer(8, &[]), t.suspect_after);
+        live.heard(2, Some(now));
+        live.heard(3, Some(now));
         let none = BTreeSet::new();
         let idle = t.hibernate_after;
         let d = |state: &GroupState, idle, live: &Liveness, returned: &BTreeSet<u64>, now| {
@@ -536,6 +602,7 @@ mod tests {
         let now = Instant::now();
         let mut live = Liveness::default();
         live.record(2, now, answer(7, &[5]), t.suspect_after);
+        live.heard(2, Some(now));
         let follow = |leader| GroupState::Follower { leader };
         let none = BTreeSet::new();
         let d = |state: &GroupState, shard, now| {
@@ -561,6 +628,80 @@ mod tests {
         let soon = now + t.leader_silent_after - Duration::from_millis(1);
         assert_eq!(d(&follow(Some(2)), 5, soon), Decision::Sleep);
         assert_eq!(d(&GroupState::Other, 5, now), Decision::Wake);
+    }
+
+    #[test]
+    fn a_follower_whose_leader_answers_but_cannot_reach_it_stays_awake() {
+        let t = timeouts();
+        let now = Instant::now();
+        let mut live = Liveness::default();
+        let follower = GroupState::Follower { leader: Some(2) };
+        let none = BTreeSet::new();
+        let d = |live: &Liveness, now| {
+            let round = Round {
+                me: 1,
+                now,
+                liveness: live,
+                returned: &none,
+                timeouts: &t,
+            };
+            round.decide(5, &follower, Duration::ZERO)
+        };
+        // The leader answers this node's pings and lists the shard, but nothing from it ever
+        // arrived here: its pings and heartbeats do not get through.
+        live.record(2, now, answer(7, &[5]), t.suspect_after);
+        assert_eq!(d(&live, now), Decision::Wake);
+        // Its messages arrive: reachable both ways, the follower sleeps.
+        live.heard(2, Some(now));
+        assert_eq!(d(&live, now), Decision::Sleep);
+        // It still answers every ping, but its own messages stopped arriving a whole election
+        // range ago: the follower wakes (as an awake one would, its heartbeats missing).
+        let late = now + t.leader_silent_after + t.jitter + Duration::from_millis(1);
+        let mut at = now;
+        while at < late {
+            at += t.interval;
+            live.record(2, at, answer(7, &[5]), t.suspect_after);
+        }
+        assert!(live.answered_within(2, at, t.interval));
+        assert_eq!(d(&live, at), Decision::Wake);
+        // An old arrival reported late never moves the record back.
+        live.heard(2, None);
+        live.heard(2, Some(now - t.interval));
+        assert!(live.heard_within(2, now, Duration::ZERO));
+    }
+
+    #[test]
+    fn a_leader_that_a_replica_cannot_reach_stays_awake() {
+        let t = timeouts();
+        let now = Instant::now();
+        let mut live = Liveness::default();
+        let none = BTreeSet::new();
+        let idle = t.hibernate_after;
+        let d = |live: &Liveness, now| {
+            let round = Round {
+                me: 1,
+                now,
+                liveness: live,
+                returned: &none,
+                timeouts: &t,
+            };
+            round.decide(5, &leader(&[2, 3], true), idle)
+        };
+        // Both replicas answer its pings; only node 3's messages arrive here.
+        live.record(2, now, answer(7, &[]), t.suspect_after);
+        live.record(3, now, answer(8, &[]), t.suspect_after);
+        live.heard(3, Some(now));
+        assert_eq!(d(&live, now), Decision::Wake);
+        live.heard(2, Some(now));
+        assert_eq!(d(&live, now), Decision::Sleep);
+        // Node 2 keeps answering, but its messages stop for two intervals.
+        let later = now + t.suspect_after + Duration::from_millis(1);
+        live.record(2, later, answer(7, &[]), t.suspect_after);
+        live.record(3, later, answer(8, &[]), t.suspect_after);
+        live.heard(3, Some(later));
+        assert_eq!(d(&live, later), Decision::Wake);
+        live.heard(2, Some(later));
+        assert_eq!(d(&live, later), Decision::Sleep);
     }
 
     #[test]

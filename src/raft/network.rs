@@ -141,6 +141,11 @@ pub struct Peers {
     warnings: WarnLimiter,
     /// Fault injection (tests): nodes this node neither sends to nor accepts messages from.
     cut_off: std::sync::RwLock<std::collections::BTreeSet<u64>>,
+    /// Fault injection (tests): nodes this node sends nothing to but still accepts messages
+    /// from (a one-way cut).
+    cut_outbound: std::sync::RwLock<std::collections::BTreeSet<u64>>,
+    /// When a message from each peer was last admitted (see [`Peers::admit_from`]).
+    heard_from: Mutex<BTreeMap<u64, Instant>>,
 }
 
 impl Peers {
@@ -171,6 +176,8 @@ impl Peers {
             rpc_timeout: config.request_timeout(),
             warnings: WarnLimiter::default(),
             cut_off: Default::default(),
+            cut_outbound: Default::default(),
+            heard_from: Default::default(),
         }))
     }
 
@@ -200,15 +207,61 @@ impl Peers {
         self.cut_off.write().expect("cut_off lock").extend(nodes);
     }
 
-    /// Fault injection for tests: restores every link cut with [`Peers::cut_off`].
+    /// Fault injection for tests: from now on this node sends nothing to `nodes` (no Raft
+    /// message, ping, read-index or leadership request) but still accepts and answers what
+    /// they send: a one-way cut, as when only this node's connections to them fail.
+    #[doc(hidden)]
+    pub fn cut_off_outbound(&self, nodes: impl IntoIterator<Item = u64>) {
+        self.cut_outbound
+            .write()
+            .expect("cut_outbound lock")
+            .extend(nodes);
+    }
+
+    /// Fault injection for tests: restores every link cut with [`Peers::cut_off`] or
+    /// [`Peers::cut_off_outbound`].
     #[doc(hidden)]
     pub fn heal(&self) {
         self.cut_off.write().expect("cut_off lock").clear();
+        self.cut_outbound
+            .write()
+            .expect("cut_outbound lock")
+            .clear();
     }
 
-    /// True if a test partition cut this node off from `node`.
+    /// True if a test partition stops this node from sending to `node` (either cut).
     pub fn is_cut_off(&self, node: u64) -> bool {
         self.cut_off.read().expect("cut_off lock").contains(&node)
+            || self
+                .cut_outbound
+                .read()
+                .expect("cut_outbound lock")
+                .contains(&node)
+    }
+
+    /// The transport's server side calls this for every message from member `node`: false
+    /// if a test partition refuses `node`'s messages ([`Peers::cut_off`]); otherwise it records
+    /// that `node` reached this node now, the inbound half of [`crate::hibernation`]'s
+    /// liveness, and returns true.
+    pub(crate) fn admit_from(&self, node: u64) -> bool {
+        if self.cut_off.read().expect("cut_off lock").contains(&node) {
+            return false;
+        }
+        let mut heard = self
+            .heard_from
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        heard.insert(node, Instant::now());
+        true
+    }
+
+    /// When a message from `node` was last admitted ([`Peers::admit_from`]), if ever.
+    pub(crate) fn heard_from(&self, node: u64) -> Option<Instant> {
+        self.heard_from
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&node)
+            .copied()
     }
 
     /// `node`'s address as configured.

@@ -121,7 +121,8 @@ impl RaftService {
             ));
             return Err(self.refuse(header, "not a member", status));
         }
-        if self.node.peers().is_some_and(|p| p.is_cut_off(from)) {
+        // Also records the arrival, the inbound evidence hibernation needs (`Peers::admit_from`).
+        if self.node.peers().is_some_and(|p| !p.admit_from(from)) {
             // A test partition: behave like a dropped packet would, as far as the sender sees.
             return Err(Status::unavailable(format!("link from node {from} is cut")));
         }

@@ -524,3 +524,83 @@ fn signal(signal: &str, pid: u32) {
         .expect("kill");
     assert!(sent.success(), "kill {signal} {pid}: {sent:?}");
 }
+
+/// Three nodes in this process over real loopback sockets (`kvnode::testing::LocalCluster`),
+/// one shard replicated on all of them: for tests that need the peer transport's fault hooks
+/// (`Peers::cut_off`, `Peers::cut_off_outbound`), which a separate process cannot reach.
+pub struct InProcess {
+    _dir: tempfile::TempDir,
+    pub local: kvnode::testing::LocalCluster,
+}
+
+impl InProcess {
+    /// The only shard: every key lives in it.
+    pub const SHARD: u64 = 0;
+
+    /// Starts nodes 1..=3 (100 ms heartbeats, 400–800 ms elections) with `configure` applied
+    /// last.
+    pub async fn start(configure: impl Fn(&mut kvnode::Config)) -> InProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = kvnode::testing::LocalCluster::start(dir.path(), 3, |config| {
+            config.shards = 1;
+            configure(config);
+        })
+        .await;
+        InProcess { _dir: dir, local }
+    }
+
+    /// Node `id`'s view of the shard.
+    pub fn view(&self, id: u64) -> kvnode::shard::ShardView {
+        self.local
+            .node(id)
+            .local_shard(Self::SHARD)
+            .expect("every node hosts the shard")
+            .view()
+    }
+
+    /// True while node `id`'s replica of the shard has its timers off.
+    pub fn hibernating(&self, id: u64) -> bool {
+        self.view(id).hibernating
+    }
+
+    /// Waits until the replicas on `ids` all hibernate at once.
+    pub async fn wait_hibernating(&self, ids: &[u64], timeout: Duration) {
+        let what = format!("nodes {ids:?} hibernating");
+        kvnode::testing::eventually(timeout, &what, || async {
+            ids.iter().all(|id| self.hibernating(*id)).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until one of `among` leads the shard and the others of `among` know it.
+    pub async fn leader_among(&self, among: &[u64], timeout: Duration) -> u64 {
+        let what = format!("a leader among nodes {among:?}");
+        kvnode::testing::eventually(timeout, &what, || async {
+            let leader = *among.iter().find(|id| self.view(**id).role == "leader")?;
+            among
+                .iter()
+                .all(|id| self.view(*id).leader == Some(leader))
+                .then_some(leader)
+        })
+        .await
+    }
+
+    /// Retries a put through each of `among` in turn until one succeeds.
+    pub async fn put_through(&self, among: &[u64], key: &[u8], value: &[u8], timeout: Duration) {
+        let what = format!("a put through one of nodes {among:?}");
+        kvnode::testing::eventually(timeout, &what, || async {
+            for id in among {
+                if self.local.node(*id).put(key, value.to_vec()).await.is_ok() {
+                    return Some(());
+                }
+            }
+            None
+        })
+        .await
+    }
+
+    /// Stops every node.
+    pub async fn close(self) {
+        self.local.close().await
+    }
+}
