@@ -37,17 +37,37 @@
 //!    (counting `L`) answer yes, no leader of a later term had been elected when the read
 //!    began, and no later leader can have acknowledged a write `L` does not have at `i`.
 //!
-//! A round asks each peer at most once per wave, about every group with reads waiting, so
-//! one message serves all of them; reads that arrive while a round runs wait for the next one,
-//! which starts after they arrived. A group first asks only as many peers as it needs yes
-//! answers from (one of two in a 3-replica group), preferring peers with no message in flight
-//! and rotating among equals; it asks more at once when an answer is no or missing, and asks
-//! every remaining voter if the round is still open after [`HEDGE`] (a paused or partitioned
-//! peer costs one hedge, then has a message in flight and is asked last). A group is settled
-//! as soon as a majority answered yes, or as soon as too many answered no or failed to reach
-//! one; the round ends when every group is settled, without waiting for a slow peer (its
-//! reply, if it comes, is dropped). At most [`MAX_OUTSTANDING`] messages to one peer are in
-//! flight at a time.
+//! **Groups.** The majority of step 2 is one of the voters the caller read from the group's
+//! membership, so checks wait for a round grouped by shard, term, *voters* and yes answers
+//! needed, not by shard and term alone. Two callers of one term that read different
+//! memberships (a membership change commits within a term) are tallied separately, each
+//! against its own voters: a voter the change removed never counts towards a caller that no
+//! longer lists it, and a voter it added is asked by every caller that lists it. A peer is
+//! asked about a (shard, term) once per message, however many groups ask it.
+//!
+//! **Rounds.** A round takes every group waiting when it starts and decides each from the
+//! replies to its own messages only (each round has its own reply channel), so every check
+//! is decided by a round that started after the check was registered; checks that arrive
+//! while a round runs wait for a later one. A round asks each peer at most once per wave,
+//! about every group of the round that asks it, so one message serves all of them. A group
+//! first asks only as many peers as it needs yes answers from (one of two in a 3-replica
+//! group), preferring peers with no message in flight and rotating among equals; it asks
+//! more at once when an answer is no or missing, and asks every remaining voter if it is
+//! still open after [`HEDGE`] (a paused or partitioned peer costs one hedge, then has a
+//! message in flight and is asked last). A group is settled as soon as a majority answered
+//! yes, or as soon as too many answered no or failed to reach one; its waiters are answered
+//! then, without waiting for the round's other groups or for a slow peer (a reply for a
+//! settled group is dropped).
+//!
+//! Groups settle independently: the next round starts as soon as the current one has asked
+//! every voter of each of its open groups (at the latest after [`HEDGE`]), and the groups
+//! still open keep waiting for their replies in the background, so a group waiting for a
+//! paused peer (until the transport's timeout, when it is `NoQuorum`) does not delay the
+//! checks of other groups. Rounds overlap only once the earlier ones have nothing left to
+//! send, so each still sends one message per peer per wave, and at most [`MAX_OUTSTANDING`]
+//! messages to one peer are in flight at a time across all rounds (a peer with no free slot
+//! counts as not answering). A round still waiting has a message in flight, so at most
+//! `MAX_OUTSTANDING` rounds per peer wait at once.
 //!
 //! Nothing here depends on clocks: a timeout only turns a round into a failure, and a leader
 //! whose round fails falls back to openraft's own `ReadIndex` round, which reports the leader
@@ -90,19 +110,24 @@ pub type Transport = Arc<
     dyn Fn(u64, Vec<ConfirmItem>) -> Pin<Box<dyn Future<Output = Answers> + Send>> + Send + Sync,
 >;
 
+/// What a check confirms: that at least `need` of `others` (sorted, distinct) still hold this
+/// node's vote of `term` for `shard`. Checks with equal keys share one tally.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct GroupKey {
+    shard: u64,
+    term: u64,
+    others: Vec<u64>,
+    need: usize,
+}
+
 /// The groups with reads waiting for the next round.
 #[derive(Default)]
 struct Pending {
-    /// Keyed by (shard, term): the voters to ask, the yes answers needed, and the waiters.
-    groups: BTreeMap<(u64, u64), Group>,
+    /// The checks waiting for the next round, by what they confirm.
+    groups: BTreeMap<GroupKey, Vec<oneshot::Sender<Outcome>>>,
+    /// A task is starting rounds (it stops when no group waits).
     running: bool,
     rounds: u64,
-}
-
-struct Group {
-    others: Vec<u64>,
-    need: usize,
-    waiters: Vec<oneshot::Sender<Outcome>>,
 }
 
 /// A node's leadership checks (see the module doc). One per node, shared by its shards.
@@ -150,32 +175,33 @@ impl LeadershipChecks {
 
     /// Confirms, in a round that starts after this call, that at least `need` of `others` (the
     /// group's voters besides this node) still hold this node's vote of `term` for `shard`.
+    /// Only `others` count: callers of the same shard and term that name other voters are
+    /// checked against their own.
     pub async fn confirm(
         self: &Arc<Self>,
         shard: u64,
         term: u64,
-        others: Vec<u64>,
+        mut others: Vec<u64>,
         need: usize,
     ) -> Outcome {
         if need == 0 {
             return Outcome::Confirmed;
         }
+        others.sort_unstable();
+        others.dedup();
         if self.transport.is_none() || others.len() < need {
             return Outcome::NoQuorum;
         }
+        let key = GroupKey {
+            shard,
+            term,
+            others,
+            need,
+        };
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut pending = self.pending.lock().expect("leadership lock");
-            pending
-                .groups
-                .entry((shard, term))
-                .or_insert_with(|| Group {
-                    others,
-                    need,
-                    waiters: Vec::new(),
-                })
-                .waiters
-                .push(tx);
+            pending.groups.entry(key).or_default().push(tx);
             !std::mem::replace(&mut pending.running, true)
         };
         if start {
@@ -185,7 +211,8 @@ impl LeadershipChecks {
         rx.await.unwrap_or(Outcome::NoQuorum)
     }
 
-    /// Runs rounds while groups wait.
+    /// Starts rounds while groups wait: each takes the groups waiting when it starts, and the
+    /// next one starts once this one has asked every voter of its open groups.
     async fn drive(self: Arc<Self>) {
         loop {
             let (batch, round) = {
@@ -197,61 +224,93 @@ impl LeadershipChecks {
                 pending.rounds += 1;
                 (std::mem::take(&mut pending.groups), pending.rounds)
             };
-            self.round(batch, round).await;
+            let (asked_all, all_asked) = oneshot::channel();
+            let this = Arc::clone(&self);
+            tokio::spawn(async move { this.round(batch, round, asked_all).await });
+            // Also when the round ends early (it drops the sender).
+            let _ = all_asked.await;
         }
     }
 
     /// One round. Each group first asks only as many peers as it needs yes answers from,
     /// preferring peers with no message in flight (and rotating among equals); it asks more
-    /// at once when an answer is no or missing, and all the rest if the round is still open
-    /// after [`HEDGE`]. Peers get one message per wave, for every group that asks them.
-    async fn round(&self, batch: BTreeMap<(u64, u64), Group>, round: u64) {
+    /// at once when an answer is no or missing, and all the rest if it is still open after
+    /// [`HEDGE`]. Peers get one message per wave, for every group that asks them. Once every
+    /// open group has asked all its voters, `asked_all` lets the next round start while this
+    /// one waits for the replies still due.
+    async fn round(
+        &self,
+        batch: BTreeMap<GroupKey, Vec<oneshot::Sender<Outcome>>>,
+        round: u64,
+        asked_all: oneshot::Sender<()>,
+    ) {
         let Some(transport) = &self.transport else {
             return;
         };
-        let keys: Vec<(u64, u64)> = batch.keys().copied().collect();
-        let order = self.preference(&batch, round);
-        let mut tallies: Vec<Tally> = batch
-            .into_values()
-            .map(|group| Tally::new(group, &order))
-            .collect();
+        let order = self.preference(batch.keys(), round);
+        let (keys, mut tallies): (Vec<GroupKey>, Vec<Tally>) = batch
+            .into_iter()
+            .map(|(key, waiters)| {
+                let tally = Tally::new(&key, waiters, &order);
+                (key, tally)
+            })
+            .unzip();
         let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
         let mut wave = Wave::default();
         for (i, tally) in tallies.iter_mut().enumerate() {
             wave.add(i, tally.ask_more());
         }
         self.send(transport, &keys, wave, &tx);
+        // Held while the round may still send: dropping it lets the next round start, after
+        // which only the messages in flight hold a sender, and the round ends once they have
+        // all replied (a settled round ends at once).
+        let mut asking = Some((tx, asked_all));
         let hedge = tokio::time::sleep(HEDGE);
         tokio::pin!(hedge);
-        let mut hedged = false;
         let mut open = tallies.len();
-        while open > 0 {
+        loop {
+            if asking.is_some() && tallies.iter().all(|t| t.settled || t.unasked.is_empty()) {
+                asking = None;
+                if open > 0 {
+                    tracing::trace!(
+                        round,
+                        open,
+                        "leadership round asked everyone; next round may start"
+                    );
+                }
+            }
+            if open == 0 {
+                break;
+            }
             tokio::select! {
                 reply = rx.recv() => {
-                    let Some(Reply { peer, items, answers }) = reply else {
+                    let Some(Reply { peer, groups, asked, answers }) = reply else {
                         break;
                     };
-                    let answers = checked(peer, items.len(), answers);
+                    let answers = checked(peer, asked, answers);
                     let mut wave = Wave::default();
-                    for (n, &i) in items.iter().enumerate() {
+                    for (i, at) in groups {
                         let tally = &mut tallies[i];
-                        if tally.record(answers.as_ref().map(|a| a[n])) {
+                        if tally.record(answers.as_ref().map(|a| a[at])) {
                             open -= 1;
                         } else if !tally.settled {
                             wave.add(i, tally.ask_more());
                         }
                     }
-                    self.send(transport, &keys, wave, &tx);
+                    if let Some((tx, _)) = &asking {
+                        self.send(transport, &keys, wave, tx);
+                    }
                 }
-                _ = &mut hedge, if !hedged => {
-                    hedged = true;
+                () = &mut hedge, if asking.is_some() => {
                     let mut wave = Wave::default();
                     for (i, tally) in tallies.iter_mut().enumerate() {
                         if !tally.settled {
                             wave.add(i, tally.ask_rest());
                         }
                     }
-                    self.send(transport, &keys, wave, &tx);
+                    if let Some((tx, _)) = &asking {
+                        self.send(transport, &keys, wave, tx);
+                    }
                 }
             }
         }
@@ -262,11 +321,8 @@ impl LeadershipChecks {
 
     /// The round's peers, most preferred first: fewest messages in flight, then a rotation
     /// by round number so that equals share the load.
-    fn preference(&self, batch: &BTreeMap<(u64, u64), Group>, round: u64) -> Vec<u64> {
-        let mut peers: Vec<u64> = batch
-            .values()
-            .flat_map(|g| g.others.iter().copied())
-            .collect();
+    fn preference<'a>(&self, groups: impl Iterator<Item = &'a GroupKey>, round: u64) -> Vec<u64> {
+        let mut peers: Vec<u64> = groups.flat_map(|g| g.others.iter().copied()).collect();
         peers.sort_unstable();
         peers.dedup();
         if peers.is_empty() {
@@ -283,41 +339,48 @@ impl LeadershipChecks {
         peers
     }
 
-    /// Sends each peer of `wave` one message with its items; a peer with no free slot
-    /// answers at once with an error.
+    /// Sends each peer of `wave` one message, with one item per (shard, term) its groups ask
+    /// about; a peer with no free slot answers at once with an error.
     fn send(
         &self,
         transport: &Transport,
-        keys: &[(u64, u64)],
+        keys: &[GroupKey],
         wave: Wave,
         tx: &mpsc::UnboundedSender<Reply>,
     ) {
-        for (peer, items) in wave.0 {
+        for (peer, asking) in wave.0 {
+            let mut items: Vec<ConfirmItem> = Vec::new();
+            let mut at: BTreeMap<(u64, u64), usize> = BTreeMap::new();
+            let groups: Vec<(usize, usize)> = asking
+                .into_iter()
+                .map(|i| {
+                    let GroupKey { shard, term, .. } = keys[i];
+                    let n = *at.entry((shard, term)).or_insert_with(|| {
+                        items.push(ConfirmItem { shard, term });
+                        items.len() - 1
+                    });
+                    (i, n)
+                })
+                .collect();
+            let asked = items.len();
             let Some(slot) = self.reserve(peer) else {
                 let _ = tx.send(Reply {
                     peer,
-                    items,
+                    groups,
+                    asked,
                     answers: Err("too many checks in flight".into()),
                 });
                 continue;
             };
-            let send = transport(
-                peer,
-                items
-                    .iter()
-                    .map(|&i| ConfirmItem {
-                        shard: keys[i].0,
-                        term: keys[i].1,
-                    })
-                    .collect(),
-            );
+            let send = transport(peer, items);
             let tx = tx.clone();
             tokio::spawn(async move {
                 let answers = send.await;
                 drop(slot);
                 let _ = tx.send(Reply {
                     peer,
-                    items,
+                    groups,
+                    asked,
                     answers,
                 });
             });
@@ -334,10 +397,13 @@ impl LeadershipChecks {
     }
 }
 
-/// A peer's answers to one message: `items` are indexes into the round's groups.
+/// A peer's answers to one message of a round.
 struct Reply {
     peer: u64,
-    items: Vec<usize>,
+    /// (the round's group, its item's place in the message) for each group asked.
+    groups: Vec<(usize, usize)>,
+    /// Items in the message.
+    asked: usize,
     answers: Answers,
 }
 
@@ -376,7 +442,8 @@ fn checked(peer: u64, asked: usize, answers: Answers) -> Option<Vec<bool>> {
 
 /// One group's answers in a round.
 struct Tally {
-    group: Group,
+    need: usize,
+    waiters: Vec<oneshot::Sender<Outcome>>,
     /// Voters not asked yet, most preferred first.
     unasked: Vec<u64>,
     /// Asked and not answered yet.
@@ -387,14 +454,15 @@ struct Tally {
 }
 
 impl Tally {
-    fn new(group: Group, order: &[u64]) -> Tally {
+    fn new(key: &GroupKey, waiters: Vec<oneshot::Sender<Outcome>>, order: &[u64]) -> Tally {
         let unasked = order
             .iter()
             .copied()
-            .filter(|p| group.others.contains(p))
+            .filter(|p| key.others.binary_search(p).is_ok())
             .collect();
         Tally {
-            group,
+            need: key.need,
+            waiters,
             unasked,
             waiting: 0,
             yes: 0,
@@ -405,7 +473,7 @@ impl Tally {
 
     /// The peers to ask now so that enough are asked to settle the group if all say yes.
     fn ask_more(&mut self) -> Vec<u64> {
-        let short = self.group.need.saturating_sub(self.yes + self.waiting);
+        let short = self.need.saturating_sub(self.yes + self.waiting);
         let n = short.min(self.unasked.len());
         self.waiting += n;
         self.unasked.drain(..n).collect()
@@ -429,9 +497,9 @@ impl Tally {
             Some(false) => self.no += 1,
             None => {}
         }
-        if self.yes >= self.group.need {
+        if self.yes >= self.need {
             self.settle(Outcome::Confirmed);
-        } else if self.yes + self.waiting + self.unasked.len() < self.group.need {
+        } else if self.yes + self.waiting + self.unasked.len() < self.need {
             self.settle(if self.no > 0 {
                 Outcome::Refused
             } else {
@@ -446,7 +514,7 @@ impl Tally {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
-        for waiter in self.group.waiters.drain(..) {
+        for waiter in self.waiters.drain(..) {
             let _ = waiter.send(outcome);
         }
     }
@@ -645,6 +713,134 @@ mod tests {
             to_silent <= MAX_OUTSTANDING,
             "{to_silent} messages to the silent peer"
         );
+    }
+
+    #[tokio::test]
+    async fn checks_of_one_term_with_other_voters_are_answered_by_their_own_voters() {
+        // A same-term membership change replaced voter 2 by voter 4. The removed voter still
+        // holds the leader's vote; the new voters 3 and 4 hold another.
+        let sent: Sent = Arc::default();
+        let checks = LeadershipChecks::with_transport(Some(scripted(
+            open_gate(),
+            Arc::clone(&sent),
+            |peer, _, items| Some(Ok(vec![peer == 2; items.len()])),
+        )));
+        // Both register before a round starts, so one round decides both.
+        let (before, after) = tokio::join!(
+            checks.confirm(1, 5, vec![2, 3], 1),
+            checks.confirm(1, 5, vec![4, 3], 1),
+        );
+        assert_eq!(before, Outcome::Confirmed);
+        assert_eq!(
+            after,
+            Outcome::Refused,
+            "a check against voters 3 and 4 was answered by the removed voter 2"
+        );
+        assert_eq!(checks.rounds(), 1);
+        // Peer 3 was asked about (shard 1, term 5) once per message, whichever groups asked it.
+        for (peer, items) in sent.lock().unwrap().iter() {
+            assert_eq!(items.len(), 1, "peer {peer} got {items:?}");
+        }
+    }
+
+    /// A transport whose peers in `silent` answer yes only once `release` has a permit for
+    /// them, or fail after [`STUCK`] (as the real transport's timeout would); the other peers
+    /// answer at once, yes to the messages sent before `no_from` messages were sent and no to
+    /// the later ones. `asked` gets each message's peer as it is sent.
+    fn with_silent_peers(
+        silent: &'static [u64],
+        release: Arc<Semaphore>,
+        no_from: usize,
+        asked: mpsc::UnboundedSender<u64>,
+    ) -> Transport {
+        let calls = Arc::new(AtomicUsize::new(0));
+        Arc::new(move |peer, items: Vec<ConfirmItem>| {
+            let yes = calls.fetch_add(1, Ordering::SeqCst) < no_from;
+            let _ = asked.send(peer);
+            let release = Arc::clone(&release);
+            Box::pin(async move {
+                if silent.contains(&peer) {
+                    tokio::select! {
+                        permit = release.acquire() => permit.unwrap().forget(),
+                        () = tokio::time::sleep(STUCK) => return Err("timed out".into()),
+                    }
+                }
+                Ok(vec![yes; items.len()])
+            })
+        })
+    }
+
+    /// How long a silent peer of [`with_silent_peers`] takes to fail: only a check that waits
+    /// for it completes after that.
+    const STUCK: Duration = Duration::from_secs(10);
+
+    /// Waits until the messages sent so far went to `peers`, each at least once.
+    async fn until_asked(asked: &mut mpsc::UnboundedReceiver<u64>, peers: &[u64]) {
+        let mut seen = std::collections::BTreeSet::new();
+        while !peers.iter().all(|p| seen.contains(p)) {
+            seen.insert(asked.recv().await.expect("the transport is alive"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_waiting_for_a_silent_peer_does_not_hold_up_other_groups() {
+        use futures::FutureExt;
+        let release = Arc::new(Semaphore::new(0));
+        let (asked_tx, mut asked) = mpsc::unbounded_channel();
+        let checks = LeadershipChecks::with_transport(Some(with_silent_peers(
+            &[4, 5],
+            Arc::clone(&release),
+            usize::MAX,
+            asked_tx,
+        )));
+        // Group A (shard 1): its voters besides this node, 4 and 5, do not answer.
+        let mut a = Box::pin(checks.confirm(1, 3, vec![4, 5], 1));
+        assert_eq!((&mut a).now_or_never(), None);
+        // A's round asks one of them, then (after the hedge) the other: it has nobody left to
+        // ask and waits.
+        until_asked(&mut asked, &[4, 5]).await;
+        // Group B (shard 2): its voters answer at once.
+        let b = checks.confirm(2, 3, vec![2, 3], 1).await;
+        assert_eq!(b, Outcome::Confirmed);
+        let a_then = (&mut a).now_or_never();
+        assert_eq!(
+            a_then, None,
+            "A was decided ({a_then:?}) before B: B's check waited for A's round to give up"
+        );
+        assert_eq!(checks.rounds(), 2);
+        // A's replies still count once they come.
+        release.add_permits(2);
+        assert_eq!(a.await, Outcome::Confirmed);
+    }
+
+    #[tokio::test]
+    async fn a_check_registered_while_an_earlier_round_waits_ignores_that_rounds_replies() {
+        let release = Arc::new(Semaphore::new(0));
+        let (asked_tx, mut asked) = mpsc::unbounded_channel();
+        // Voters 4 and 5 answer only when released: yes to the first two messages (the
+        // first round's), no to every later one.
+        let checks = LeadershipChecks::with_transport(Some(with_silent_peers(
+            &[4, 5],
+            Arc::clone(&release),
+            2,
+            asked_tx,
+        )));
+        let first = tokio::spawn({
+            let checks = Arc::clone(&checks);
+            async move { checks.confirm(1, 3, vec![4, 5], 1).await }
+        });
+        until_asked(&mut asked, &[4, 5]).await;
+        // The first round has asked both and waits; the same group's next check starts a
+        // round of its own, which sends its own message.
+        let second = tokio::spawn({
+            let checks = Arc::clone(&checks);
+            async move { checks.confirm(1, 3, vec![4, 5], 1).await }
+        });
+        asked.recv().await.expect("the transport is alive");
+        release.add_permits(Semaphore::MAX_PERMITS / 2);
+        assert_eq!(first.await.unwrap(), Outcome::Confirmed);
+        assert_eq!(second.await.unwrap(), Outcome::Refused);
+        assert_eq!(checks.rounds(), 2);
     }
 
     #[tokio::test]
