@@ -1,10 +1,12 @@
 //! The node-wide write-ahead log through its public API: acknowledgements wait for fdatasync,
 //! one sync serves many shards, replay restores every shard, damage is reported by name and
-//! offset, and purged segments give their disk space back.
+//! offset, purged segments give their disk space back, and a power loss right after a segment
+//! was deleted leaves a log that opens with everything acknowledged.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -568,4 +570,155 @@ fn churn_keeps_disk_usage_a_small_multiple_of_the_live_log() {
     let bound = 2 * live_bytes + 2 * SEGMENT;
     assert!(end <= bound, "disk usage {end} exceeds {bound}");
     assert!(peak <= bound, "peak disk usage {peak} exceeds {bound}");
+}
+
+/// A disk that keeps only what was fdatasync'd. Each sync records the file's length by inode
+/// (every byte written before the call is then durable); [`PowerLossDisk::lose_power`] cuts
+/// every segment back to its last synced length. Directory changes (creations, unlinks) are
+/// taken as durable: the worst case for a log that unlinks a segment too early.
+#[derive(Default)]
+struct PowerLossDisk {
+    synced_len: Mutex<HashMap<u64, u64>>,
+    /// While set, syncs fail (and make nothing durable).
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl Syncer for PowerLossDisk {
+    fn sync(&self, file: &File) -> io::Result<()> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(io::Error::other("injected EIO"));
+        }
+        let meta = file.metadata()?;
+        self.synced_len
+            .lock()
+            .unwrap()
+            .insert(meta.ino(), meta.len());
+        Ok(())
+    }
+}
+
+impl PowerLossDisk {
+    /// Drops every byte not covered by a sync. Call after the log was dropped (the group-commit
+    /// thread syncs nothing on drop when no acknowledgement is pending).
+    fn lose_power(&self, dir: &Path) {
+        let synced = self.synced_len.lock().unwrap();
+        for path in segment_files(dir) {
+            let ino = fs::metadata(&path).unwrap().ino();
+            let len = synced.get(&ino).copied().unwrap_or(0);
+            OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(len)
+                .unwrap();
+        }
+    }
+}
+
+const PURGE_SEGMENT: u64 = 8 * 1024;
+
+/// Appends `range` to `shard` in acknowledged batches of ten.
+fn append_range_durably(wal: &Wal, shard: u64, range: std::ops::Range<u64>) {
+    let indexes: Vec<u64> = range.collect();
+    for batch in indexes.chunks(10) {
+        let entries = batch.iter().map(|&i| entry(shard, i, 100)).collect();
+        append_durably(wal, shard, batch[0], entries);
+    }
+}
+
+/// Purges `shard` up to `upto`, checks that the purge deleted the oldest segment, then drops
+/// the log and loses power: the moment right after the deletion, before any later sync.
+fn purge_then_lose_power(dir: &Path, wal: Wal, disk: &PowerLossDisk, shard: u64, upto: u64) {
+    let oldest = segment_files(dir)[0].clone();
+    wal.purge(shard, upto, format!("purged at {upto}").into_bytes())
+        .unwrap();
+    assert!(
+        wal.stats().segments_deleted >= 1 && !oldest.exists(),
+        "the purge must delete {} for this test to mean anything",
+        oldest.display()
+    );
+    drop(wal);
+    disk.lose_power(dir);
+}
+
+#[test]
+fn a_power_loss_after_a_purge_deleted_segments_leaves_a_log_that_opens_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(PowerLossDisk::default());
+    let wal = Wal::open(dir.path(), options(disk.clone(), PURGE_SEGMENT)).unwrap();
+    append_range_durably(&wal, 1, 0..200);
+    assert!(wal.segment_ids().len() >= 3, "test wants several segments");
+    // Frees the oldest segment (entries 0..~60) but not the one holding entry 100.
+    purge_then_lose_power(dir.path(), wal, &disk, 1, 99);
+
+    let wal = Wal::open(dir.path(), options(disk.clone(), PURGE_SEGMENT))
+        .expect("the log must open after a power loss right after a segment was deleted");
+    let expected: Vec<(u64, Vec<u8>)> = (100..200).map(|i| (i, entry(1, i, 100))).collect();
+    assert_eq!(
+        wal.read(1, ..).unwrap(),
+        expected,
+        "every acknowledged entry above the purge point survives"
+    );
+    assert_eq!(
+        wal.shard_state(1).meta.purged,
+        Some((99, b"purged at 99".to_vec())),
+        "the purge that deleted segments is durable"
+    );
+}
+
+#[test]
+fn a_power_loss_after_purging_a_whole_log_does_not_bring_it_back_empty_and_unpurged() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(PowerLossDisk::default());
+    let wal = Wal::open(dir.path(), options(disk.clone(), PURGE_SEGMENT)).unwrap();
+    append_range_durably(&wal, 1, 0..120);
+    // Shard 2's one entry is larger than a segment: it gets a segment of its own, so once
+    // shard 1 is purged entirely, every segment before that one is garbage.
+    let big = entry(2, 0, PURGE_SEGMENT as usize);
+    append_durably(&wal, 2, 0, vec![big.clone()]);
+    purge_then_lose_power(dir.path(), wal, &disk, 1, 119);
+
+    let wal = Wal::open(dir.path(), options(disk.clone(), PURGE_SEGMENT)).unwrap();
+    let state = wal.shard_state(1);
+    assert_eq!(
+        state.meta.purged,
+        Some((119, b"purged at 119".to_vec())),
+        "shard 1's log regressed: it held entries up to 119, now {state:?}"
+    );
+    assert_eq!((state.first_index, state.last_index), (None, None));
+    assert_eq!(wal.read(2, ..).unwrap(), vec![(0, big)]);
+    append_durably(&wal, 1, 120, vec![entry(1, 120, 100)]);
+}
+
+#[test]
+fn a_sealed_last_segment_is_synced_on_open_before_the_log_builds_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(PowerLossDisk::default());
+    {
+        let wal = Wal::open(dir.path(), options(disk.clone(), PURGE_SEGMENT)).unwrap();
+        append_range_durably(&wal, 1, 0..10);
+        // An entry larger than a segment seals the active one; its sync fails, standing in for
+        // a process killed between writing the seal and syncing it: the seal is in the page
+        // cache only.
+        disk.failing.store(true, Ordering::SeqCst);
+        let big = entry(1, 10, PURGE_SEGMENT as usize);
+        assert!(wal.append(1, 10, vec![big], Box::new(|_| {})).is_err());
+        disk.failing.store(false, Ordering::SeqCst);
+    }
+    assert_eq!(
+        segment_files(dir.path()).len(),
+        1,
+        "sealed, no successor yet"
+    );
+    {
+        // Restart after the kill (page cache intact): the log continues in a new segment.
+        let wal = Wal::open(dir.path(), options(disk.clone(), PURGE_SEGMENT)).unwrap();
+        append_durably(&wal, 1, 10, vec![entry(1, 10, 100)]);
+    }
+    disk.lose_power(dir.path());
+
+    let wal = Wal::open(dir.path(), options(disk.clone(), PURGE_SEGMENT))
+        .expect("the log must open after a power loss following a restart");
+    let expected: Vec<(u64, Vec<u8>)> = (0..=10).map(|i| (i, entry(1, i, 100))).collect();
+    assert_eq!(wal.read(1, ..).unwrap(), expected);
 }

@@ -6,6 +6,11 @@
 //! the take), and only then calls the waiters, first-in first-out. A failed sync stops the log
 //! for good: every waiter, queued or future, gets [`Error::WalFailed`] (after a failed fsync the
 //! kernel may have dropped the dirty pages, so a retry could "succeed" without the data).
+//!
+//! What a fired waiter proves: every byte written before it was queued is on disk, in whatever
+//! segment it went to (a rotation since then synced the sealed segment itself). Segment deletion
+//! relies on exactly that: it queues a waiter and unlinks nothing until it fires (`mod.rs`,
+//! "Deleting segments").
 
 use std::fs::File;
 use std::io;

@@ -14,12 +14,50 @@
 //!   before an earlier append, nor the reverse (openraft's IO-ordering rule).
 //! - `truncate_after`, `purge` and `save_committed` need no sync of their own: losing one in a
 //!   crash is the same as the crash happening just before it, and any later sync covers it.
+//!   The one thing never done on the strength of an unsynced record is deleting a segment
+//!   (below): a `purge` that frees segments waits for a group commit before unlinking them.
 //! - On open, segments are replayed to rebuild each shard's index (`index.rs`); a torn tail is
 //!   cut off and the surviving tail fsynced before anything is reported as stored; damage
 //!   anywhere else is [`Error::Corruption`] naming the segment and offset (`segment.rs`).
-//! - A segment is deleted once every shard has purged past it. Each segment starts with a
-//!   checkpoint of every shard's vote, committed and purge markers, so nothing but purged
-//!   entries goes with it.
+//! - A segment is deleted once no shard has a live entry in it (every shard purged or truncated
+//!   past it) **and the records that made it so are durable**. Each segment starts with a
+//!   checkpoint of every shard's vote, committed and purge markers and log start, so nothing but
+//!   dead entries goes with it.
+//!
+//! # Deleting segments
+//!
+//! The rule: a segment is unlinked only behind a *durable* horizon. `collect_garbage` takes the
+//! horizon (the oldest segment holding a live entry of any shard, or the active segment) from
+//! the in-memory index, which reflects every record written so far; then, unless everything
+//! written is already synced, it queues a waiter on the group commit and waits for it. The
+//! waiter fires only after an `fdatasync` covering every byte written before it was queued
+//! (`group_commit.rs`; bytes in segments sealed meanwhile were synced by the rotation), so the
+//! purge and truncate records the horizon was computed from are on disk before the first
+//! unlink. A purge that frees a segment thus waits for one group commit, about once per
+//! `segment_bytes` of log written; other purges return at once.
+//!
+//! Why that is safe: recovery replays some durable prefix of the record sequence, and that
+//! prefix contains the records the horizon was computed from. Entries dead at that point stay
+//! dead (later records add entries only to the active segment or newer ones, all at or past the
+//! horizon, or remove entries), so every entry live in the replayed prefix sits in a surviving
+//! segment; and every marker in a deleted segment is restated by the checkpoint of the first
+//! surviving one, written after everything older. Replay therefore rebuilds exactly the state
+//! the prefix describes, as if nothing had been deleted. Were a segment unlinked before the
+//! purge that freed it is durable, a power loss in between would leave the first surviving
+//! checkpoint's older log start with its entries gone: the log refuses to open ("entries
+//! missing"), or a shard whose entries were all purged comes back empty and unpurged, its log
+//! regressed (`tests/wal.rs`, `a_power_loss_after_*`).
+//!
+//! The directory: recovery refuses a hole in the segment ids, so deletions are serialized
+//! (`Shared::gc`) and go oldest first, one unlink then one directory fsync at a time: whatever
+//! subset of unlinks a power loss keeps, the segments on disk stay a contiguous run. An unlink
+//! that is lost brings back a segment whose garbage status is durable; replaying it changes
+//! nothing (the case above, with nothing deleted), and the next collection (at latest on the next
+//! open) deletes it again. A segment's file is only removed from the readers' map once its unlink
+//! is durable, so a failed deletion is retried first, before any newer segment goes. Creation
+//! (`rotate`) syncs the new file and the directory before writing to it and only ever adds the
+//! newest id, while deletion never reaches the active segment: the two work at opposite ends of
+//! the run, so the order in which they reach the disk cannot make a hole.
 //!
 //! The log knows nothing of Raft: entries and markers are opaque bytes.
 
@@ -35,7 +73,7 @@ use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 
 pub use group_commit::{Fdatasync, Syncer, Waiter};
@@ -123,6 +161,9 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     stats: Counters,
+    /// Serializes segment deletion, so that segments are unlinked strictly oldest first (see
+    /// the module doc, "Deleting segments"). Never taken while `state` is held.
+    gc: Mutex<()>,
     /// Held for the log's lifetime: a second process on the same directory is refused.
     _lock: File,
 }
@@ -203,6 +244,7 @@ impl Wal {
             state: Mutex::new(state),
             wake: Condvar::new(),
             stats,
+            gc: Mutex::new(()),
             _lock: lock,
         });
         let thread_shared = shared.clone();
@@ -210,10 +252,14 @@ impl Wal {
             .name("kvnode-wal-sync".into())
             .spawn(move || group_commit::run(thread_shared))
             .map_err(|e| Error::io(&shared.dir, e))?;
-        Ok(Wal {
+        let wal = Wal {
             shared,
             sync_thread: Mutex::new(Some(sync_thread)),
-        })
+        };
+        // Everything replayed is durable now, so this never waits; it deletes segments whose
+        // unlink a power loss undid, or that a crash kept the last purge from deleting.
+        wal.collect_garbage()?;
+        Ok(wal)
     }
 
     /// The directory holding the segments.
@@ -269,7 +315,9 @@ impl Wal {
     }
 
     /// Purges `shard`'s entries up to and including `upto`, remembering `marker` as the purge
-    /// point; then deletes segments no shard needs any more.
+    /// point; then deletes segments no shard needs any more. If it deletes any, it first waits
+    /// for a group commit covering the purge (module doc, "Deleting segments"), so it may block
+    /// for an `fdatasync`.
     pub fn purge(&self, shard: u64, upto: u64, marker: Vec<u8>) -> Result<()> {
         self.write(
             &Record::Purge {
@@ -489,44 +537,71 @@ impl Wal {
         Ok(())
     }
 
-    /// Deletes segments older than every shard's first live entry.
+    /// Deletes the segments no shard has a live entry in, once the records that made them so
+    /// are durable, oldest first (module doc, "Deleting segments").
     fn collect_garbage(&self) -> Result<()> {
-        let doomed: Vec<u64> = {
-            let mut st = self.shared.lock();
-            let oldest_needed = st
-                .shards
-                .values()
-                .filter_map(|log| log.entries.values().next().map(|loc| loc.segment))
-                .min()
-                .unwrap_or(st.active.id)
-                .min(st.active.id);
-            let doomed: Vec<u64> = st
-                .segments
-                .range(..oldest_needed)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in &doomed {
-                st.segments.remove(id);
-            }
-            doomed
-        };
-        if doomed.is_empty() {
+        let shared = &self.shared;
+        if !shared.lock().has_garbage() {
             return Ok(());
         }
-        for id in &doomed {
-            let path = segment_path(&self.shared.dir, *id);
-            fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        let _gc = shared.gc.lock().expect("WAL GC mutex poisoned");
+        let (horizon, all_synced) = {
+            let st = shared.lock();
+            if !st.has_garbage() {
+                return Ok(()); // another purge collected it meanwhile
+            }
+            (
+                st.oldest_needed(),
+                st.synced == (st.active.id, st.active.len),
+            )
+        };
+        if !all_synced {
+            self.wait_for_group_commit()?;
+        }
+        // Durable now: every record written before the horizon was taken (see above).
+        loop {
+            let Some(id) = shared
+                .lock()
+                .segments
+                .keys()
+                .next()
+                .copied()
+                .filter(|id| *id < horizon)
+            else {
+                return Ok(());
+            };
+            let path = segment_path(&shared.dir, id);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                // Unlinked by an earlier attempt whose directory sync failed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+            sync_dir(&shared.dir)?;
+            shared.lock().segments.remove(&id);
+            shared
+                .stats
+                .segments_deleted
+                .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
                 segment = id,
-                "deleted WAL segment: every shard purged past it"
+                horizon,
+                "deleted WAL segment: no shard has a live entry in it, durably"
             );
         }
-        sync_dir(&self.shared.dir)?;
-        self.shared
-            .stats
-            .segments_deleted
-            .fetch_add(doomed.len() as u64, Ordering::Relaxed);
-        Ok(())
+    }
+
+    /// Blocks until an `fdatasync` has covered every byte written so far.
+    fn wait_for_group_commit(&self) -> Result<()> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.after_pending_writes(Box::new(move |result| {
+            let _ = tx.send(result);
+        }))?;
+        rx.recv().unwrap_or_else(|_| {
+            Err(Error::WalFailed(
+                "the group-commit thread stopped without acknowledging".into(),
+            ))
+        })
     }
 }
 
@@ -541,6 +616,24 @@ impl Drop for Wal {
 }
 
 impl State {
+    /// The oldest segment still needed: the one holding the oldest live entry of any shard, or
+    /// the active segment if that is older.
+    fn oldest_needed(&self) -> u64 {
+        self.shards
+            .values()
+            .filter_map(|log| log.entries.values().next().map(|loc| loc.segment))
+            .min()
+            .map_or(self.active.id, |oldest| oldest.min(self.active.id))
+    }
+
+    /// Whether some segment is older than every one still needed.
+    fn has_garbage(&self) -> bool {
+        self.segments
+            .keys()
+            .next()
+            .is_some_and(|first| *first < self.oldest_needed())
+    }
+
     /// The watermark to stamp on a record written now into the active segment.
     fn synced_upto(&self) -> u64 {
         if self.synced.0 == self.active.id {
@@ -745,16 +838,21 @@ fn recover(dir: &Path, options: &WalOptions, stats: &Counters) -> Result<State> 
             drop(file);
             fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
             next_id = id;
-        } else if let Some(next) = sealed {
+            continue;
+        }
+        // Make the recovered tail durable before anything in it is reported as stored, or
+        // segments are deleted on its strength: after a kill -9 it may still be only in the
+        // page cache. That holds for a sealed last segment too (the process died between the
+        // seal and the rotation's sync); the segments before the last were synced by the
+        // rotation that created their successor.
+        options
+            .syncer
+            .sync(&file)
+            .map_err(|e| Error::io(&path, e))?;
+        if let Some(next) = sealed {
             segments.insert(id, Arc::new(file));
             next_id = next;
         } else {
-            // Make the recovered tail durable before anything in it is reported as stored:
-            // after a kill -9 it may still be only in the page cache.
-            options
-                .syncer
-                .sync(&file)
-                .map_err(|e| Error::io(&path, e))?;
             let file = Arc::new(file);
             segments.insert(id, file.clone());
             active = Some(Active {
