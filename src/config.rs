@@ -55,6 +55,13 @@ pub struct Config {
     pub election_timeout_min_ms: u64,
     /// Upper end of the election timeout range (see `election_timeout_min_ms`).
     pub election_timeout_max_ms: u64,
+    /// How much earlier than openraft a leader gives up its lease (which lasts
+    /// `election_timeout_max_ms` after a quorum acknowledgement), for clock-rate drift between
+    /// nodes: a margin `m` tolerates followers' clocks running fast by up to
+    /// `m / (election_timeout_max_ms − m)` (see [`crate::clock`]). Unset: an eighth of
+    /// `election_timeout_max_ms` (250 ms at the defaults, tolerating 14 %). A lease read
+    /// outside the lease takes a quorum round and is served as linearizable.
+    pub lease_margin_ms: Option<u64>,
     /// A shard group with no client traffic for this long hibernates: its timers and
     /// heartbeats stop while every node it needs answers the node-level ping (one per peer per
     /// heartbeat interval, whatever the shard count; see [`crate::hibernation`]). Any write or
@@ -90,6 +97,7 @@ impl Default for Config {
             heartbeat_interval_ms: 250,
             election_timeout_min_ms: 1000,
             election_timeout_max_ms: 2000,
+            lease_margin_ms: None,
             hibernate_after_ms: 2000,
             snapshot_every_entries: 5000,
             request_timeout_ms: 5000,
@@ -229,6 +237,18 @@ impl Config {
                 ),
             );
         }
+        if let Some(margin) = self.lease_margin_ms
+            && margin + self.heartbeat_interval_ms >= self.election_timeout_max_ms
+        {
+            return bad(
+                "lease_margin_ms",
+                format!(
+                    "{margin} ms leaves no lease: it must be less than election_timeout_max_ms \
+                     ({} ms) minus heartbeat_interval_ms ({} ms)",
+                    self.election_timeout_max_ms, self.heartbeat_interval_ms
+                ),
+            );
+        }
         if self.hibernate_after_ms != 0 && self.hibernate_after_ms < self.heartbeat_interval_ms {
             return bad(
                 "hibernate_after_ms",
@@ -274,6 +294,14 @@ impl Config {
         self.peers.keys().any(|id| *id != self.node_id)
     }
 
+    /// The lease margin (see [`Config::lease_margin_ms`]).
+    pub fn lease_margin(&self) -> Duration {
+        Duration::from_millis(
+            self.lease_margin_ms
+                .unwrap_or(self.election_timeout_max_ms / 8),
+        )
+    }
+
     /// The request timeout as a duration.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
@@ -311,6 +339,10 @@ mod tests {
         let cases: Vec<(&str, Breakage)> = vec![
             ("data_dir", Box::new(|c| c.data_dir = PathBuf::new())),
             ("node_id", Box::new(|c| c.node_id = 0)),
+            (
+                "lease_margin_ms",
+                Box::new(|c| c.lease_margin_ms = Some(c.election_timeout_max_ms)),
+            ),
             (
                 "cluster_id",
                 Box::new(|c| c.cluster_id = "no spaces".into()),

@@ -453,6 +453,8 @@ impl Controller {
             let mut asleep = 0usize;
             loop {
                 ticker.tick().await;
+                // The lease rule needs the clocks' offset sampled regularly (`crate::clock`).
+                crate::clock::sample();
                 let returned = match &peers {
                     Some(peers) => ping_all(peers, me, boot_id, &mut liveness, &timeouts).await,
                     None => BTreeSet::new(),

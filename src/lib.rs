@@ -58,7 +58,8 @@
 //!   writer's durable watermark, which is how a bad record in synced data is told from a torn
 //!   write. A lost segment shows up as missing entries (every segment starts with a checkpoint
 //!   of every shard's markers and log start), never as a silently shorter log.
-//! - **Space**: a segment is deleted once every shard has purged past it.
+//! - **Space**: a segment is deleted once every shard has purged past it and the records that
+//!   made it so are durable (a purge never outruns its own fdatasync).
 //! - **A failed fsync stops the log** ([`storage::Error::WalFailed`]): after a failed fsync the
 //!   kernel may have dropped the dirty pages, so retrying could acknowledge lost data.
 //!
@@ -101,14 +102,24 @@
 //! A linearizable read needs a read index confirmed by a quorum after the read began.
 //! openraft's `ReadIndex` round does that per group, through the group's core task and
 //! heartbeats; with 16 groups per node that made a linearizable get cost more server CPU than
-//! a put's apply. [`leadership`] does it once per node per round instead: the leader takes its
-//! applied index, provided an entry it proposed in its current term is applied and its stored
-//! vote is still that term's, then asks each peer in one message, for every group with reads
-//! waiting, whether that peer's stored vote is still the leader's. A majority of yes proves
-//! no later leader existed when the read began (votes only grow, and the WAL's copy of a vote
-//! changes before it is granted). The module doc has the argument; the cluster test
-//! `a_deposed_leader_resumed_after_a_pause_does_not_serve_a_stale_linearizable_read` and the
-//! planted bug `confirm-any-vote` show the check matters. It uses no clock.
+//! a put's apply. [`leadership`] does it once per node per round instead. At the read's start
+//! the leader, provided it leads right now (openraft's state, a committed vote), an entry it
+//! proposed in its current term is applied and its stored vote is still that term's, takes
+//! as read index the larger of the last index whose apply started and the highest commit
+//! index it has sent a peer ([`raft::commit_horizon`]): every write any replica may have made
+//! visible is at or below it, even one a follower applied before the leader did. It then asks
+//! each peer in one message, for every group with reads waiting, whether that peer's stored
+//! vote is still the leader's. A majority of yes proves no later leader existed when the read
+//! began (votes only grow, and the WAL's copy of a vote changes before it is granted); the
+//! read is served once the leader has applied its index. The module doc has the argument;
+//! the tests that hold a leader's apply or restart a leader (`tests/consistency.rs`), the
+//! cluster test `a_deposed_leader_resumed_after_a_pause_does_not_serve_a_stale_linearizable_read`
+//! and the planted bugs `confirm-any-vote` and `read-index-applied` show each part matters.
+//! It uses no clock.
+//!
+//! Lease reads do use one: a leader serves them only inside openraft's lease less a margin
+//! for clock-rate drift, with any suspend of the machine since the last quorum
+//! acknowledgement counted against it ([`clock`]; `Instant` stops during a suspend).
 //!
 //! ## Evidence: the fault tests
 //!
@@ -136,6 +147,7 @@
 //! | [`sharding`] | key → shard: the consistent-hash ring (pure, property-tested) |
 //! | [`cluster`] | shard → replica set: rendezvous placement (pure, property-tested) |
 //! | [`consistency`] | read levels, receipts, session tokens |
+//! | [`clock`] | time that counts suspends, and the lease rule |
 //! | [`shard`] | one local replica: Raft group, write path, per-level read paths |
 //! | [`read_index`] | coalesced read-index rounds and the freshness proofs bounded reads use |
 //! | [`leadership`] | node-level leadership checks: one message per peer per round confirms every group's leader |
@@ -155,6 +167,7 @@
 #![deny(missing_docs)]
 
 pub mod client;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod consistency;

@@ -12,16 +12,18 @@
 //! rounds, not N.
 //!
 //! [`Freshness`] remembers the last successful round this replica took part in: when it
-//! started (on this node's monotonic clock) and its index. A replica that has applied that
+//! started (on [`BootInstant`], which keeps counting through a suspend) and its index. A replica that has applied that
 //! index knows its state was current at that instant, which is what bounded-staleness reads
-//! prove their bound with. The monotonic clock keeps running through a pause (SIGSTOP), so a
-//! resumed replica sees its proof as old as it really is.
+//! prove their bound with. That clock keeps running through a pause (SIGSTOP) and, unlike
+//! `Instant`, through a suspend of the machine, so a resumed replica sees its proof as old as
+//! it really is.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use crate::clock::BootInstant;
 use crate::error::{Error, Result};
 
 /// The outcome of one round, shared by every read it serves.
@@ -114,12 +116,12 @@ impl Rounds {
 /// The last read-index round this replica completed: when it started and its index.
 #[derive(Debug, Clone, Default)]
 pub struct Freshness {
-    last: Arc<Mutex<Option<(Instant, u64)>>>,
+    last: Arc<Mutex<Option<(BootInstant, u64)>>>,
 }
 
 impl Freshness {
     /// Records a round that started at `started` and returned `index`; keeps the newest.
-    pub fn record(&self, started: Instant, index: u64) {
+    pub fn record(&self, started: BootInstant, index: u64) {
         let mut last = self.last.lock().expect("freshness lock");
         if last.is_none_or(|(t, _)| t < started) {
             *last = Some((started, index));
@@ -193,7 +195,7 @@ mod tests {
     fn freshness_needs_the_round_index_applied() {
         let f = Freshness::default();
         assert_eq!(f.staleness(10), None);
-        f.record(Instant::now(), 7);
+        f.record(BootInstant::now(), 7);
         assert!(f.staleness(6).is_none(), "not applied yet: nothing proven");
         assert!(f.staleness(7).unwrap() < Duration::from_secs(1));
     }

@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::async_runtime::watch::WatchReceiver;
 
@@ -33,6 +33,7 @@ use openraft::metrics::WaitError;
 use openraft::network::{NetSnapshot, RaftNetworkFactory};
 use openraft::{BasicNode, ReadPolicy, SnapshotPolicy};
 
+use crate::clock::BootInstant;
 use crate::config::Config;
 use crate::consistency::{Fallback, ReadLevel, ReadReceipt, ServedLevel, Staleness};
 use crate::error::{Error, Result};
@@ -90,6 +91,9 @@ pub struct Shard {
     /// acknowledgement), less one heartbeat interval of margin: past it, a write renews the
     /// lease first (see [`Shard::renew_lapsed_lease`]).
     lease_renew_after: Duration,
+    /// openraft's lease (the election timeout maximum) and the margin kvnode keeps inside it
+    /// for clock drift (see [`crate::clock`]).
+    lease: (Duration, Duration),
     /// The highest commit index this replica has sent a peer (part of a leader's read index).
     horizon: Arc<CommitHorizon>,
     /// Test builds: holds this replica's applies (see [`crate::raft::apply_stall`]).
@@ -198,6 +202,10 @@ impl Shard {
             horizon,
             #[cfg(feature = "planted-bugs")]
             stall,
+            lease: (
+                Duration::from_millis(config.election_timeout_max_ms),
+                config.lease_margin(),
+            ),
             _leader_log: leader_log,
         })
     }
@@ -371,7 +379,7 @@ impl Shard {
         }
         match level {
             ReadLevel::Linearizable => self.linearizable(key).await,
-            ReadLevel::Lease => match self.confirm_leadership(ReadPolicy::LeaseRead).await {
+            ReadLevel::Lease => match self.confirm_lease().await {
                 Ok(()) => self.local(key, ServedLevel::Lease, Staleness::Zero),
                 // This leader's lease has lapsed (it was hibernating, or was just elected):
                 // confirm leadership with a quorum round instead, which serves a
@@ -412,7 +420,7 @@ impl Shard {
                 {
                     return self.local(key, ServedLevel::Bounded, Staleness::AtMost(age));
                 }
-                if self.confirm_leadership(ReadPolicy::LeaseRead).await.is_ok() {
+                if self.confirm_lease().await.is_ok() {
                     return self.local(
                         key,
                         ServedLevel::Bounded,
@@ -476,7 +484,7 @@ impl Shard {
     /// Runs one read-index round and waits to apply it, all within `budget`; returns the age of
     /// the proof obtained (at most `budget`), or `None` if it could not be had in time.
     async fn prove_fresh(&self, budget: Duration) -> Option<Duration> {
-        let started = Instant::now();
+        let started = BootInstant::now();
         let proven = tokio::time::timeout(budget, async {
             let index = self.read_index().await.ok()?;
             self.applied_at_least(index, budget, "bounded read proof")
@@ -492,7 +500,7 @@ impl Shard {
 
     /// A read index for this shard from wherever the leader is; records the freshness it proves.
     pub async fn read_index(&self) -> Result<u64> {
-        let started = Instant::now();
+        let started = BootInstant::now();
         let mut leader = self.raft.metrics().borrow_watched().current_leader;
         for _ in 0..2 {
             let result = match leader {
@@ -531,7 +539,7 @@ impl Shard {
     /// A read index obtained as the leader: a node-level leadership check (see
     /// [`crate::leadership`]), or openraft's quorum round if that cannot confirm.
     pub async fn leader_read_index(&self) -> Result<u64> {
-        let started = Instant::now();
+        let started = BootInstant::now();
         self.note_activity();
         let index = match self.confirmed_read_index().await {
             Some(index) => index,
@@ -700,6 +708,35 @@ impl Shard {
                 staleness,
             },
         ))
+    }
+
+    /// Confirms this replica leads the shard within its lease, as openraft reckons it and,
+    /// stricter, with kvnode's margin for clock drift and any suspend of the machine counted
+    /// (see [`crate::clock`]); `Unavailable` when the lease does not hold (the caller then
+    /// runs a quorum round instead).
+    async fn confirm_lease(&self) -> Result<()> {
+        self.confirm_leadership(ReadPolicy::LeaseRead).await?;
+        let acked = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            if m.membership_config.voter_ids().nth(1).is_none() {
+                // The only voter: no other node can elect a leader, whatever the clocks do.
+                return Ok(());
+            }
+            // openraft's instant as a std one, rounded 1 ms earlier (older is conservative).
+            m.last_quorum_acked.as_ref().and_then(|acked| {
+                let age = openraft::Instant::elapsed(&**acked) + Duration::from_millis(1);
+                std::time::Instant::now().checked_sub(age)
+            })
+        };
+        let (lease, margin) = self.lease;
+        match acked {
+            Some(acked) if crate::clock::lease_holds(acked, lease, margin) => Ok(()),
+            _ => Err(Error::Unavailable {
+                shard: self.id,
+                reason: "the lease does not hold with the clock-drift margin".into(),
+            }),
+        }
     }
 
     /// Confirms this replica leads the shard (read index or lease) and has applied up to the
