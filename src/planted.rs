@@ -1,6 +1,8 @@
 //! Planted consistency bugs, for proving the Jepsen checkers catch them: a test-only switch
-//! (the `planted-bugs` feature, on in `cargo test` builds only) read once from the
-//! `KVNODE_PLANTED_BUG` environment variable.
+//! (the `planted-bugs` feature, on in `cargo test` builds only) that only the test-only
+//! `kvnode-planted` binary arms, from the `KVNODE_PLANTED_BUG` environment variable. That
+//! binary says so at start and in its `Status` reply; the `kvnode` binary never arms it,
+//! even when a test or bench build compiled the hooks in.
 //!
 //! The bugs themselves are fenced hooks in [`crate::shard`] (`planted_read`, `planted_write`,
 //! and `holds_vote_for` for `confirm-any-vote`);
@@ -73,22 +75,41 @@ pub fn parse(name: &str) -> Result<Bug, String> {
         })
 }
 
-/// The active bug, if any: [`ENV_VAR`] read on first call. Panics if it names no bug (a
-/// misspelt switch must not silently test the correct code); logs the active bug once.
-pub fn active() -> Option<Bug> {
-    static ACTIVE: OnceLock<Option<Bug>> = OnceLock::new();
-    *ACTIVE.get_or_init(|| {
-        let value = std::env::var(ENV_VAR)
-            .ok()
-            .filter(|v| !v.trim().is_empty())?;
-        let bug = parse(&value).unwrap_or_else(|e| panic!("{e}"));
+/// The armed bug: set once, by [`arm_from_env`], and only ever by the test-only
+/// `kvnode-planted` binary. A library or `kvnode` binary that happens to be compiled with the
+/// feature (any `cargo test` or `cargo bench` build) never arms it, so nothing, not even
+/// [`ENV_VAR`], can switch a bug on there.
+static ARMED: OnceLock<Option<Bug>> = OnceLock::new();
+
+/// Arms the bug [`ENV_VAR`] names (none if it is unset or empty) for the rest of the process.
+/// An unknown name is an error (a misspelt switch must not silently test the correct code).
+/// Returns what was armed; a second call returns the first call's result.
+pub fn arm_from_env() -> Result<Option<Bug>, String> {
+    let wanted = match std::env::var(ENV_VAR) {
+        Ok(v) if !v.trim().is_empty() => Some(parse(&v)?),
+        _ => None,
+    };
+    let armed = *ARMED.get_or_init(|| wanted);
+    if let Some(bug) = armed {
         tracing::warn!(
             bug = bug.name(),
             "PLANTED BUG ACTIVE: {} (test-only consistency fault; set by {ENV_VAR})",
             bug.name()
         );
-        Some(bug)
-    })
+    }
+    Ok(armed)
+}
+
+/// The active bug, if any: only what [`arm_from_env`] armed.
+pub fn active() -> Option<Bug> {
+    ARMED.get().copied().flatten()
+}
+
+/// True in a process where [`arm_from_env`] ran (the test-only `kvnode-planted` binary),
+/// whether or not it armed a bug: test hooks driven from outside (such as an apply-lag
+/// driver) may run only there.
+pub fn is_test_binary() -> bool {
+    ARMED.get().is_some()
 }
 
 #[cfg(test)]

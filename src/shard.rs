@@ -157,9 +157,6 @@ impl Shard {
         N: RaftNetworkFactory<TypeConfig>,
         N::Network: NetSnapshot<TypeConfig, SnapshotData = SnapshotFile>,
     {
-        // Test builds: read the planted-bug switch now, so a bad value fails at startup.
-        #[cfg(feature = "planted-bugs")]
-        crate::planted::active();
         let log = LogStore::new(store.wal().clone(), id);
         let purged = log.last_purged().map_err(|e| io_to_error(id, e))?;
         let sm = StateMachine::open(store, id, purged.as_ref()).map_err(|e| io_to_error(id, e))?;

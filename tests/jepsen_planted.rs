@@ -33,7 +33,8 @@ fn campaign(name: &str, base_port: u16, bug: Option<&str>, options: &[&str], see
     command
         .args(["jepsen", "run"])
         .arg("--kvnode")
-        .arg(env!("CARGO_BIN_EXE_kvnode"))
+        // The test-only binary that arms the planted bug (`kvnode` never does).
+        .arg(env!("CARGO_BIN_EXE_kvnode-planted"))
         .arg("--out")
         .arg(&out)
         .args(["--time", "30s", "--interval", "4s"])

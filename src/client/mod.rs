@@ -91,6 +91,9 @@ pub struct ClusterStatus {
     pub nodes: BTreeMap<u64, String>,
     /// Every shard, in shard order.
     pub shards: Vec<ShardStatus>,
+    /// `Some` only from the test-only `kvnode-planted` binary: the planted bug it runs with
+    /// (`"none"` if none). A real node never sets it.
+    pub planted_bug: Option<String>,
 }
 
 /// One shard as the answering node sees it. `term`, `commit_index`, `applied_index` and
@@ -762,6 +765,7 @@ fn cluster_status(status: kv::StatusResponse, via: &str) -> ClusterStatus {
         replication_factor: status.replication_factor,
         nodes,
         shards,
+        planted_bug: (!status.planted_bug.is_empty()).then_some(status.planted_bug),
     }
 }
 

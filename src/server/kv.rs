@@ -260,6 +260,17 @@ impl Kv for KvService {
             replication_factor: config.replication_factor.min(config.node_ids().len()) as u32,
             nodes,
             shards,
+            planted_bug: planted_bug(),
         }))
     }
+}
+
+/// What a `Status` reply says of planted bugs: empty unless this is the test-only
+/// `kvnode-planted` binary (see `crate::planted`).
+fn planted_bug() -> String {
+    #[cfg(feature = "planted-bugs")]
+    if crate::planted::is_test_binary() {
+        return crate::planted::active().map_or("none", |b| b.name()).to_string();
+    }
+    String::new()
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kvnode::pb::kv::{GetResponse, ReadLevel, ReadOptions, SessionToken, ShardIndex};
 use tonic::Code;
 
-use crate::harness::Cluster;
+use crate::harness::{self, Cluster};
 
 /// The staleness bound of the bounded reads.
 const BOUND_MS: u64 = 1000;
@@ -579,4 +579,31 @@ async fn the_deposed_leader_check_catches_replicas_that_confirm_any_vote() {
         log.join("\n")
     );
     cluster.stop_all().await;
+}
+
+/// Review finding 8 (issue 15): test and bench builds compile the planted-bug hooks into the
+/// library, so the `kvnode` binary of such a build has them too; it must never arm one, even
+/// with `KVNODE_PLANTED_BUG` set. Only the test-only `kvnode-planted` binary does, and it says
+/// so in its log and in every `Status` reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_test_only_binary_arms_a_planted_bug_and_it_says_so() {
+    const BUG: (&str, &str) = ("KVNODE_PLANTED_BUG", "leader-no-confirm");
+    let mut real = Cluster::start_binary(1, &[BUG], harness::KVNODE).await;
+    let status = real.status(1).await.expect("status of kvnode");
+    assert_eq!(status.planted_bug, "", "the kvnode binary armed a planted bug");
+    assert!(!real.all_logs().contains("PLANTED"), "{}", real.all_logs());
+    real.stop_all().await;
+
+    let mut planted = Cluster::start_binary(1, &[BUG], harness::KVNODE_PLANTED).await;
+    let status = planted.status(1).await.expect("status of kvnode-planted");
+    assert_eq!(status.planted_bug, "leader-no-confirm");
+    let logs = planted.all_logs();
+    assert!(logs.contains("TEST BUILD WITH PLANTED-BUG HOOKS"), "{logs}");
+    assert!(logs.contains("PLANTED BUG ACTIVE: leader-no-confirm"), "{logs}");
+    planted.stop_all().await;
+
+    let mut clean = Cluster::start_binary(1, &[], harness::KVNODE_PLANTED).await;
+    let status = clean.status(1).await.expect("status of kvnode-planted");
+    assert_eq!(status.planted_bug, "none");
+    clean.stop_all().await;
 }

@@ -43,7 +43,14 @@ pub struct Cluster {
     paused: BTreeSet<u64>,
     /// Extra environment of every node process.
     env: Vec<(String, String)>,
+    /// The node binary.
+    binary: &'static str,
 }
+
+/// The `kvnode` binary.
+pub const KVNODE: &str = env!("CARGO_BIN_EXE_kvnode");
+/// The test-only binary that arms a planted bug (see `kvnode::planted`).
+pub const KVNODE_PLANTED: &str = env!("CARGO_BIN_EXE_kvnode-planted");
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -59,7 +66,14 @@ impl Cluster {
     }
 
     /// [`Cluster::start`] with extra environment variables for every node (e.g. a planted bug).
+    /// With `KVNODE_PLANTED_BUG` among them, the nodes run the test-only binary that arms it.
     pub async fn start_with_env(n: u64, env: &[(&str, &str)]) -> Cluster {
+        let planted = env.iter().any(|(k, _)| *k == "KVNODE_PLANTED_BUG");
+        Self::start_binary(n, env, if planted { KVNODE_PLANTED } else { KVNODE }).await
+    }
+
+    /// [`Cluster::start_with_env`] running `binary` for every node.
+    pub async fn start_binary(n: u64, env: &[(&str, &str)], binary: &'static str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
@@ -88,6 +102,7 @@ impl Cluster {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            binary,
         };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in &ids {
@@ -107,7 +122,7 @@ impl Cluster {
             .append(true)
             .open(&p.log)
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_kvnode"))
+        let child = Command::new(self.binary)
             .args(["--id", &id.to_string(), "--peers", &peers])
             .arg("--data-dir")
             .arg(&p.data_dir)

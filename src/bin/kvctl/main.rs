@@ -356,7 +356,13 @@ fn status_table(first: &ClusterStatus, views: &BTreeMap<u64, Option<ClusterStatu
             Some(Some(view)) => {
                 let hosted = view.shards.iter().filter(|s| !s.role.is_empty()).count();
                 let asleep = view.shards.iter().filter(|s| s.hibernating).count();
-                format!("up, {asleep} of {hosted} replicas hibernating")
+                let planted = match &view.planted_bug {
+                    Some(bug) => format!(
+                        ", TEST BUILD kvnode-planted (planted bug: {bug}): never for real data"
+                    ),
+                    None => String::new(),
+                };
+                format!("up, {asleep} of {hosted} replicas hibernating{planted}")
             }
             _ => "down".to_string(),
         };
@@ -478,6 +484,7 @@ mod tests {
             replication_factor: 3,
             nodes: (1..=3).map(|i| (i, format!("127.0.0.1:700{i}"))).collect(),
             shards: vec![s],
+            planted_bug: None,
         };
         let n1 = view(1, shard("leader", Some(1), 4, 10));
         let n2 = view(2, shard("follower", Some(1), 4, 9));
