@@ -1,4 +1,5 @@
-//! Raft peer networks: [`Peers`] holds one gRPC channel per other node, shared by every shard;
+//! Raft peer networks: [`Peers`] holds one gRPC channel per other node, shared by every shard
+//! (plus a separate one per node for forwarded client requests, see [`Peers`]);
 //! [`ShardNetwork`] is one shard's openraft network over those channels (the shard id goes in
 //! every message). [`NoPeers`] is the network of an embedded single-node store: every shard's
 //! only voter is this node, so no message ever needs to leave the process, and any attempt
@@ -129,14 +130,25 @@ impl RaftNetworkV2<TypeConfig> for NoPeerClient {
     }
 }
 
-/// One lazily connected gRPC channel per other node of the cluster, shared by every shard's
-/// Raft traffic and by request forwarding. HTTP/2 multiplexes all of it over one connection.
+/// Two lazily connected gRPC channels per other node of the cluster, each its own HTTP/2
+/// connection: one shared by every shard's Raft traffic and the node-level messages (ping,
+/// leadership confirmation, read index), one for client requests this node forwards.
+///
+/// Forwarded requests get their own connection so that they cannot disturb replication: a
+/// client that gives up cancels its forwarded stream (`RST_STREAM`), and when the peer reads a
+/// burst of those before accepting the streams (it was paused, or a partition healed), h2
+/// closes the whole connection (GOAWAY `ENHANCE_YOUR_CALM`, "remotely-reset pending-accept
+/// streams reached limit"), failing every stream on it. That now costs only forwarded
+/// requests (whose failure their clients see, with its outcome), never a heartbeat or an
+/// append. Both connections use the same settings and source address.
 #[derive(Debug)]
 pub struct Peers {
     self_id: u64,
     cluster_id: String,
     addrs: BTreeMap<u64, String>,
     channels: BTreeMap<u64, Channel>,
+    /// Request forwarding only (`server::kv`): never shares a connection with `channels`.
+    forward_channels: BTreeMap<u64, Channel>,
     rpc_timeout: Duration,
     warnings: WarnLimiter,
     /// Fault injection (tests): nodes this node neither sends to nor accepts messages from.
@@ -152,6 +164,7 @@ impl Peers {
     /// Channels to every peer in `config.peers` except this node. Nothing connects yet.
     pub fn new(config: &Config) -> Result<Arc<Peers>> {
         let mut channels = BTreeMap::new();
+        let mut forward_channels = BTreeMap::new();
         for (id, addr) in &config.peers {
             if *id == config.node_id {
                 continue;
@@ -166,6 +179,8 @@ impl Peers {
                 // Send from the configured source IP, so per-pair packet filters (the fault
                 // harness) can tell this node's traffic from other nodes' on loopback.
                 .local_address(config.peer_source_ip);
+            // Each `connect_lazy` is a channel with a connection of its own.
+            forward_channels.insert(*id, endpoint.connect_lazy());
             channels.insert(*id, endpoint.connect_lazy());
         }
         Ok(Arc::new(Peers {
@@ -173,6 +188,7 @@ impl Peers {
             cluster_id: config.cluster_id.clone(),
             addrs: config.peers.clone(),
             channels,
+            forward_channels,
             rpc_timeout: config.request_timeout(),
             warnings: WarnLimiter::default(),
             cut_off: Default::default(),
@@ -189,6 +205,15 @@ impl Peers {
     /// The cluster's name (sent in every peer message).
     pub fn cluster_id(&self) -> &str {
         &self.cluster_id
+    }
+
+    /// The channel for client requests forwarded to `node` (its own connection, see
+    /// [`Peers`]), if `node` is a peer and not cut off by a test partition.
+    pub(crate) fn forward_channel(&self, node: u64) -> Option<Channel> {
+        if self.is_cut_off(node) {
+            return None;
+        }
+        self.forward_channels.get(&node).cloned()
     }
 
     /// The channel to `node`, if it is a peer (and not cut off by a test partition).

@@ -1,11 +1,37 @@
 //! The client API service: decode, ask the node, encode. Any node accepts any request: when
 //! the key's shard has no replica here, or the request needs the leader and this replica is
-//! not it, the request is forwarded (over the shared peer channel) to the node that can serve
-//! it, at most [`MAX_HOPS`] times, and the answer relayed unchanged.
+//! not it, the request is forwarded to the node that can serve it, at most [`MAX_HOPS`] times.
+//!
+//! # Forwarding keeps the wire contract
+//!
+//! Every error a client gets from a node carries `x-kvnode-outcome` (`proto/kv.proto`), the
+//! answer to a forwarded request included:
+//!
+//! - the target's own answer (a status with the outcome) is relayed unchanged, except that a
+//!   `NotLeader` is followed to the leader it names;
+//! - a forwarded call that failed in the transport is classified by
+//!   `status::forward_failure` and answered through [`to_status`]. It is *definite*
+//!   only if no connection could be made (the request never left this node); once connected,
+//!   the request may have reached the leader, so a write that fails (reset, HTTP/2 error,
+//!   deadline, a status without outcome) is *indeterminate*: it may still commit, and a client
+//!   must not retry it blindly. A read is definite either way.
+//!
+//! Relaying cannot turn an indeterminate outcome into a definite one: an indeterminate answer
+//! ends forwarding at once, and only a definite `NotLeader` (the target did nothing) moves on
+//! to the next hop.
+//!
+//! A forwarded request carries the client's remaining deadline (`grpc-timeout`, capped by the
+//! node's request timeout), so the target drops its work when the client gives up, not later;
+//! with no time left, nothing is forwarded. Forwarded requests travel on their own connection
+//! to each peer (`Peers::forward_channel` in `raft::network`), never on the one carrying Raft
+//! traffic: cancelled client requests reset streams, and a burst of those (h2 answers too many
+//! resets with GOAWAY `ENHANCE_YOUR_CALM`) would otherwise close the connection replication
+//! runs on.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -17,7 +43,7 @@ use crate::pb::kv::{
     CompareAndSetRequest, CompareAndSetResponse, DeleteRequest, DeleteResponse, GetRequest,
     GetResponse, NodeInfo, PutRequest, PutResponse, ShardStatus, StatusRequest, StatusResponse,
 };
-use crate::server::status::{FORWARDED, to_status};
+use crate::server::status::{FORWARDED, forward_failure, from_status, is_kvnode_status, to_status};
 
 /// How many times one node forwards one request before giving up with the last error.
 pub const MAX_HOPS: usize = 2;
@@ -67,7 +93,7 @@ impl KvService {
     }
 
     fn client(&self, node: u64) -> Option<KvClient<tonic::transport::Channel>> {
-        let channel = self.node.peers()?.channel(node)?;
+        let channel = self.node.peers()?.forward_channel(node)?;
         Some(
             KvClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -75,8 +101,18 @@ impl KvService {
         )
     }
 
+    /// How long a request forwarded now may take: the node's request timeout, capped by what
+    /// is left of the client's `deadline`.
+    fn forward_budget(&self, deadline: Option<Instant>) -> Duration {
+        let budget = self.node.config().request_timeout();
+        deadline.map_or(budget, |d| {
+            budget.min(d.saturating_duration_since(Instant::now()))
+        })
+    }
+
     /// Serves `request` locally with `local`; on an error another node can resolve, forwards
-    /// it there with `remote` (unless it already was forwarded).
+    /// it there with `remote` (unless it already was forwarded). See the module doc for what
+    /// a failed forward answers.
     async fn serve<Req, Resp, L, LF, R, RF>(
         &self,
         request: Request<Req>,
@@ -92,6 +128,8 @@ impl KvService {
         R: Fn(KvClient<tonic::transport::Channel>, Request<Req>) -> RF,
         RF: Future<Output = Result<Response<Resp>, Status>>,
     {
+        let deadline =
+            client_timeout(request.metadata()).and_then(|t| Instant::now().checked_add(t));
         let forwarded = request.metadata().contains_key(FORWARDED);
         let body = request.into_inner();
         let key = key(&body);
@@ -113,24 +151,66 @@ impl KvService {
             let Some(client) = self.client(target) else {
                 break;
             };
+            let budget = self.forward_budget(deadline);
+            if budget.is_zero() {
+                // Nothing was sent: the error so far (definite) stands.
+                tracing::debug!(target, "the client's deadline passed before forwarding");
+                break;
+            }
             let mut req = Request::new(body.clone());
             req.metadata_mut()
                 .insert(FORWARDED, MetadataValue::from(self.node.id()));
-            req.set_timeout(self.node.config().request_timeout());
+            req.set_timeout(budget);
+            let sent = Instant::now();
             match remote(client, req).await {
                 Ok(resp) => return Ok(resp),
-                Err(status) => {
-                    let remote_error = crate::server::status::from_status(&status, write);
-                    // A kvnode answer is relayed as is; a transport failure keeps its outcome.
+                Err(answer) if is_kvnode_status(&answer) => {
+                    // The target's own answer: relayed with its outcome, unless it names
+                    // the leader to try next.
+                    let remote_error = from_status(&answer, write);
                     if !matches!(remote_error, Error::NotLeader { .. }) {
-                        return Err(status);
+                        return Err(answer);
                     }
                     error = remote_error;
+                }
+                Err(failure) => {
+                    let shard = self.node.shard_for(&key);
+                    let e = forward_failure(&failure, shard, target, write, sent.elapsed());
+                    tracing::debug!(
+                        target,
+                        shard,
+                        write,
+                        definite = e.is_definite(),
+                        failure = ?failure,
+                        "forwarding a client request failed in the transport"
+                    );
+                    return Err(self.status(&e));
                 }
             }
         }
         Err(self.status(&error))
     }
+}
+
+/// The client's deadline for this request (its `grpc-timeout`), if it gave a well-formed one:
+/// at most 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`), as gRPC over HTTP/2 specifies.
+fn client_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    // `to_str` succeeded, so the value is ASCII and any split is on a char boundary.
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 #[tonic::async_trait]
@@ -273,4 +353,39 @@ fn planted_bug() -> String {
         return crate::planted::active().map_or("none", |b| b.name()).to_string();
     }
     String::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout_of(value: &'static str) -> Option<Duration> {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("grpc-timeout", MetadataValue::from_static(value));
+        client_timeout(&metadata)
+    }
+
+    #[test]
+    fn the_client_deadline_is_read_from_grpc_timeout() {
+        assert_eq!(timeout_of("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout_of("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout_of("4S"), Some(Duration::from_secs(4)));
+        assert_eq!(timeout_of("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            timeout_of("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(timeout_of("5n"), Some(Duration::from_nanos(5)));
+        for bad in ["", "m", "123456789m", "12x", "-1m", "1.5S", "12"] {
+            assert_eq!(timeout_of(bad), None, "{bad:?}");
+        }
+        assert_eq!(client_timeout(&MetadataMap::new()), None);
+        // What tonic itself writes.
+        let mut request = Request::new(());
+        request.set_timeout(Duration::from_millis(1500));
+        assert_eq!(
+            client_timeout(request.metadata()),
+            Some(Duration::from_millis(1500))
+        );
+    }
 }

@@ -13,9 +13,27 @@
 //!
 //! Every status carries `x-kvnode-outcome: definite|indeterminate` and `x-kvnode-error` (the
 //! variant name), so any gRPC client can tell whether a failed write may still commit.
+//!
+//! # Statuses that did not come from a kvnode handler
+//!
+//! A call that failed in the transport (no connection, connection lost, HTTP/2 error, tonic's
+//! own deadline) yields a status without that metadata. Two functions classify such a status,
+//! and both follow one rule: **definite only when the request provably never left this
+//! process**, that is, the TCP connection could not be established (`never_sent`). Once a
+//! connection exists the request may have been written, and an HTTP/2 or connection error, a
+//! reset after sending, or a deadline says nothing about whether the receiver applied it, so
+//! a write is then indeterminate. A read is definite whatever happened: it changes nothing.
+//!
+//! - [`from_status`]: a client's view of any status (kvnode's own or a transport failure);
+//! - `forward_failure`: a node's view of its failed forwarded call, which the node then
+//!   answers its client with through [`to_status`], so the client sees the contract's metadata
+//!   and never a raw transport status.
+
+use std::error::Error as _;
+use std::time::Duration;
 
 use tonic::metadata::MetadataValue;
-use tonic::{Code, Status};
+use tonic::{Code, ConnectError, Status, TimeoutExpired};
 
 use crate::error::Error;
 
@@ -94,7 +112,8 @@ fn metadata_u64(status: &Status, key: &str) -> Option<u64> {
 
 /// Turns a status from a kvnode server back into an [`Error`]. Statuses that did not come from
 /// kvnode (transport failures) become `Unavailable` when nothing can have happened
-/// (connection refused) and `Timeout` (indeterminate for writes) otherwise.
+/// (no connection could be made) and `Timeout` (indeterminate for writes)
+/// otherwise.
 pub fn from_status(status: &Status, write: bool) -> Error {
     let shard = metadata_u64(status, SHARD).unwrap_or(0);
     let message = status.message().to_string();
@@ -131,7 +150,7 @@ pub fn from_status(status: &Status, write: bool) -> Error {
         _ => match status.code() {
             Code::InvalidArgument => Error::InvalidArgument(message),
             // The request never reached a kvnode handler: nothing happened.
-            Code::Unavailable if !write || is_connect_failure(status) => Error::Unavailable {
+            Code::Unavailable if !write || never_sent(status) => Error::Unavailable {
                 shard,
                 reason: message,
             },
@@ -145,12 +164,105 @@ pub fn from_status(status: &Status, write: bool) -> Error {
     }
 }
 
-/// True if the status says the connection was never made (so a request cannot have run).
-fn is_connect_failure(status: &Status) -> bool {
+/// True if `status` says the connection was never made, so the request was never written and
+/// cannot have run anywhere.
+///
+/// tonic wraps every failure of its connector (DNS, TCP connect, connect timeout) in
+/// [`ConnectError`] and keeps it as the status's source; the HTTP/2 handshake and everything
+/// after it fail with other errors. A status that crossed a process boundary has no source,
+/// so its text is checked too: that is how an older node relays its own failed connect.
+pub(crate) fn never_sent(status: &Status) -> bool {
+    let mut source = status.source();
+    while let Some(e) = source {
+        if e.is::<ConnectError>() {
+            return true;
+        }
+        source = e.source();
+    }
     let text = format!("{status:?}").to_ascii_lowercase();
-    text.contains("connection refused")
-        || text.contains("tcp connect error")
-        || text.contains("dns error")
+    status.code() == Code::Unavailable
+        && (text.contains("connection refused")
+            || text.contains("tcp connect error")
+            || text.contains("dns error"))
+}
+
+/// True if `status` comes from a kvnode handler (it carries the outcome), as opposed to a
+/// failure of the transport or of tonic around the handler.
+pub(crate) fn is_kvnode_status(status: &Status) -> bool {
+    status.metadata().contains_key(OUTCOME)
+}
+
+/// True if `status` is a deadline expiring: the server's `DEADLINE_EXCEEDED`, or tonic's own
+/// enforcement of `grpc-timeout` (client or server side), which it reports as `CANCELLED`.
+fn timed_out(status: &Status) -> bool {
+    if status.code() == Code::DeadlineExceeded {
+        return true;
+    }
+    let mut source = status.source();
+    while let Some(e) = source {
+        if e.is::<TimeoutExpired>() {
+            return true;
+        }
+        source = e.source();
+    }
+    status.code() == Code::Cancelled && status.message().contains("Timeout expired")
+}
+
+/// What a forwarded request that failed in the transport (`status` carries no outcome, see
+/// [`is_kvnode_status`]) means for the client, after `elapsed`:
+///
+/// - no connection could be made ([`never_sent`]): `Unavailable`, definite (nothing was sent);
+/// - the deadline passed: `Timeout`, indeterminate for a write;
+/// - anything else (reset, HTTP/2 error, an unknown status) on a write: `Timeout`,
+///   indeterminate: the leader may have received it and may still commit it;
+/// - anything else on a read: `Unavailable`, definite (a read changes nothing).
+pub(crate) fn forward_failure(
+    status: &Status,
+    shard: u64,
+    target: u64,
+    write: bool,
+    elapsed: Duration,
+) -> Error {
+    let millis = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    if never_sent(status) {
+        Error::Unavailable {
+            shard,
+            reason: format!(
+                "could not connect to node {target} to forward the request: {}",
+                status.message()
+            ),
+        }
+    } else if timed_out(status) {
+        Error::Timeout {
+            shard,
+            operation: "forwarded request",
+            millis,
+            write,
+        }
+    } else if write {
+        // A status with a source is this node's own (the transport failed); one without
+        // crossed the wire, from something other than a kvnode handler.
+        let operation = if status.source().is_some() {
+            "forwarded write (the connection failed after sending)"
+        } else {
+            "forwarded write (the answer carried no outcome)"
+        };
+        Error::Timeout {
+            shard,
+            operation,
+            millis,
+            write,
+        }
+    } else {
+        Error::Unavailable {
+            shard,
+            reason: format!(
+                "forwarding the read to node {target} failed: {:?}: {}",
+                status.code(),
+                status.message()
+            ),
+        }
+    }
 }
 
 /// The leader address a `NotLeader` status carries, if any.
@@ -218,5 +330,41 @@ mod tests {
         assert!(from_status(&reset, false).is_definite());
         let cancelled = Status::new(Code::Cancelled, "cancelled");
         assert!(!from_status(&cancelled, true).is_definite());
+    }
+
+    #[test]
+    fn a_forwarded_write_is_definite_only_if_no_connection_was_made() {
+        let refused = || {
+            Status::from_error(Box::new(ConnectError(Box::new(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            )))))
+        };
+        let after_sending = [
+            Status::unavailable("connection reset"),
+            Status::resource_exhausted("h2 protocol error: too_many_resets"),
+            Status::unknown("transport error"),
+            Status::from_error(Box::new(TimeoutExpired(()))),
+            Status::deadline_exceeded("deadline"),
+        ];
+        let elapsed = Duration::from_millis(3);
+        assert!(never_sent(&refused()));
+        for write in [false, true] {
+            let e = forward_failure(&refused(), 1, 2, write, elapsed);
+            assert!(matches!(e, Error::Unavailable { .. }), "{e}");
+            let status = to_status(&e, |_| None);
+            assert_eq!(status.metadata().get(OUTCOME).unwrap(), "definite");
+        }
+        for status in &after_sending {
+            assert!(!never_sent(status), "{status:?}");
+            let write = forward_failure(status, 1, 2, true, elapsed);
+            assert!(!write.is_definite(), "{status:?} -> {write}");
+            let answer = to_status(&write, |_| None);
+            assert_eq!(answer.metadata().get(OUTCOME).unwrap(), "indeterminate");
+            let read = forward_failure(status, 1, 2, false, elapsed);
+            assert!(read.is_definite(), "{status:?} -> {read}");
+        }
+        assert!(timed_out(&Status::from_error(Box::new(TimeoutExpired(())))));
+        assert!(!is_kvnode_status(&Status::unknown("transport error")));
+        assert!(is_kvnode_status(&to_status(&Error::Shutdown, |_| None)));
     }
 }
