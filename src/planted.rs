@@ -89,15 +89,7 @@ pub fn arm_from_env() -> Result<Option<Bug>, String> {
         Ok(v) if !v.trim().is_empty() => Some(parse(&v)?),
         _ => None,
     };
-    let armed = *ARMED.get_or_init(|| wanted);
-    if let Some(bug) = armed {
-        tracing::warn!(
-            bug = bug.name(),
-            "PLANTED BUG ACTIVE: {} (test-only consistency fault; set by {ENV_VAR})",
-            bug.name()
-        );
-    }
-    Ok(armed)
+    Ok(*ARMED.get_or_init(|| wanted))
 }
 
 /// The active bug, if any: only what [`arm_from_env`] armed.

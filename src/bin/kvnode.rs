@@ -195,6 +195,14 @@ pub fn main() -> ExitCode {
             }),
         )
         .init();
+    // Only the test-only `kvnode-planted` binary (which shares this `main`) arms the hooks.
+    #[cfg(feature = "planted-bugs")]
+    if kvnode::planted::is_test_binary() {
+        tracing::warn!(
+            bug = kvnode::planted::active().map_or("none", |b| b.name()),
+            "TEST BUILD WITH PLANTED-BUG HOOKS (kvnode-planted): never use it for real data"
+        );
+    }
     let args = Args::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -899,6 +899,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            planted_bug: String::new(),
         }
     }
 

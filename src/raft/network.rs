@@ -311,8 +311,11 @@ impl Peers {
         if self.is_cut_off(leader) {
             return Err(unavailable(format!("the link to leader {leader} is cut")));
         }
+        // On the forwarding connection: a read index is asked for inside a client's request,
+        // and a client that gives up resets the stream; resets must not reach the connection
+        // that carries replication (h2's reset guard closes it).
         let channel = self
-            .channel(leader)
+            .forward_channel(leader)
             .ok_or_else(|| unavailable(format!("leader {leader} is not a known peer")))?;
         let mut client = RaftTransportClient::new(channel);
         let mut request = tonic::Request::new(RaftRequest {

@@ -350,7 +350,9 @@ impl Kv for KvService {
 fn planted_bug() -> String {
     #[cfg(feature = "planted-bugs")]
     if crate::planted::is_test_binary() {
-        return crate::planted::active().map_or("none", |b| b.name()).to_string();
+        return crate::planted::active()
+            .map_or("none", |b| b.name())
+            .to_string();
     }
     String::new()
 }

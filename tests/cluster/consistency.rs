@@ -590,7 +590,10 @@ async fn only_the_test_only_binary_arms_a_planted_bug_and_it_says_so() {
     const BUG: (&str, &str) = ("KVNODE_PLANTED_BUG", "leader-no-confirm");
     let mut real = Cluster::start_binary(1, &[BUG], harness::KVNODE).await;
     let status = real.status(1).await.expect("status of kvnode");
-    assert_eq!(status.planted_bug, "", "the kvnode binary armed a planted bug");
+    assert_eq!(
+        status.planted_bug, "",
+        "the kvnode binary armed a planted bug"
+    );
     assert!(!real.all_logs().contains("PLANTED"), "{}", real.all_logs());
     real.stop_all().await;
 
@@ -599,7 +602,7 @@ async fn only_the_test_only_binary_arms_a_planted_bug_and_it_says_so() {
     assert_eq!(status.planted_bug, "leader-no-confirm");
     let logs = planted.all_logs();
     assert!(logs.contains("TEST BUILD WITH PLANTED-BUG HOOKS"), "{logs}");
-    assert!(logs.contains("PLANTED BUG ACTIVE: leader-no-confirm"), "{logs}");
+    assert!(logs.contains("planted bug: leader-no-confirm"), "{logs}");
     planted.stop_all().await;
 
     let mut clean = Cluster::start_binary(1, &[], harness::KVNODE_PLANTED).await;
