@@ -23,7 +23,8 @@
 //! types; [`sharding`] and [`cluster`] are pure functions; [`shard`] runs one replica;
 //! [`router`] and [`node`] compose them; [`server`] and [`client`] put them on the wire
 //! ([`pb`] is the only module that converts between wire and domain types, and
-//! `server::status` the only one that maps errors to gRPC statuses).
+//! [`pb::status`] the only one that maps errors to gRPC statuses; the client imports nothing
+//! from the server).
 //!
 //! **Where the code differs from ARCHITECTURE.md, and why**
 //! - openraft's storage types appear in [`shard`] too (error mapping, read policy): the seam
@@ -155,8 +156,9 @@
 //! | [`router`] | key → shard → local replica |
 //! | [`node`] | composition root and the key-value API: [`Node`] |
 //! | [`reply`] | what the API returns |
-//! | [`pb`] | generated gRPC code and the wire ↔ domain conversions |
-//! | [`server`] | tonic services: client API with forwarding ([`server::kv`]), peer transport ([`server::raft`]), the error mapping ([`server::status`]) |
+//! | [`value`] | [`VersionedValue`]: a value and its version, shared by every layer |
+//! | [`pb`] | generated gRPC code, the wire ↔ domain conversions, the error ↔ status mapping ([`pb::status`]), the message limit |
+//! | [`server`] | tonic services: client API with forwarding ([`server::kv`]), peer transport ([`server::raft`]) |
 //! | [`client`] | the Rust client: shard- and leader-aware, retries only what is safe |
 //! | [`jepsen`] | fault testing anyone can run (`kvctl jepsen run`): real `kvnode` processes, partitions (iptables in a private netns, or a TCP proxy), a seeded kill/pause/partition nemesis, workers recording a history at every read level, the checkers (per-key linearizability, per-level checks, lost writes), the report and timeline |
 //! | [`loadgen`] | the load generator behind `kvctl bench` and `scripts/bench.sh`: one closed-loop workload (load phase, warmup, measurement; HDR-histogram latencies, errors apart) against kvnode ([`loadgen::kvnode`]) or etcd over its own gRPC API ([`loadgen::etcd`], `proto/etcd.proto`), JSON results, and the side-by-side report with kvnode/etcd ratios, `bench.md` and `bench.svg` ([`loadgen::report`]) |
@@ -191,6 +193,7 @@ pub mod sharding;
 pub mod storage;
 #[doc(hidden)]
 pub mod testing;
+pub mod value;
 
 pub use config::Config;
 pub use consistency::{ReadLevel, ReadOptions, ReadReceipt, SessionToken, WriteReceipt};

@@ -1,7 +1,7 @@
 //! What the key-value API returns: values with versions, write outcomes, and receipts.
 
 use crate::consistency::{ReadReceipt, WriteReceipt};
-pub use crate::raft::VersionedValue;
+pub use crate::value::VersionedValue;
 
 /// The result of a read.
 #[derive(Debug, Clone, PartialEq, Eq)]

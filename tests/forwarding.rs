@@ -35,7 +35,7 @@ use kvnode::pb::raft::raft_transport_server::{RaftTransport, RaftTransportServer
 use kvnode::pb::raft::{
     ConfirmReply, ConfirmRequest, PingReply, PingRequest, RaftReply, RaftRequest, SnapshotChunk,
 };
-use kvnode::server::status::OUTCOME;
+use kvnode::pb::status::OUTCOME;
 use kvnode::testing::eventually;
 use kvnode::{Config, Node};
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kvnode::pb::kv::kv_client::KvClient;
 use kvnode::pb::kv::{GetRequest, PutRequest, ReadLevel, ReadOptions};
-use kvnode::server::status::OUTCOME;
+use kvnode::pb::status::OUTCOME;
 use kvnode::{Config, Node};
 use tonic::Code;
 

@@ -45,10 +45,10 @@ use tonic::{Code, Request, Status};
 
 use crate::consistency::{ReadOptions, ServedLevel, WriteReceipt};
 use crate::error::{Error, Result};
+use crate::pb::MAX_MESSAGE_BYTES;
+use crate::pb::status::{self as wire_status, from_status};
 use crate::pb::{convert, kv};
 use crate::reply::{CasReply, DeleteReply, GetReply};
-use crate::server::kv::MAX_MESSAGE_BYTES;
-use crate::server::status::{self as wire_status, from_status};
 use crate::sharding::{HashRing, ShardId};
 
 pub use retry::{Decision, Next, Operation, RetryPolicy};

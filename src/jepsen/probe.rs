@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::{Channel, Endpoint};
 
+use crate::pb::MAX_MESSAGE_BYTES;
 use crate::pb::kv::kv_client::KvClient;
 use crate::pb::kv::{StatusRequest, StatusResponse};
-use crate::server::kv::MAX_MESSAGE_BYTES;
 
 /// A client of one node with `timeout` on every request (the gRPC deadline too) and a short
 /// connect timeout. The channel connects lazily and reconnects by itself.

@@ -33,7 +33,7 @@ use crate::consistency::{ReadOptions, SessionToken};
 use crate::pb::convert;
 use crate::pb::kv::kv_client::KvClient;
 use crate::pb::kv::{CompareAndSetRequest, GetRequest, PutRequest};
-use crate::server::status::from_status;
+use crate::pb::status::from_status;
 use crate::sharding::HashRing;
 use crate::testing::Rng;
 
@@ -585,7 +585,7 @@ mod tests {
 
     #[test]
     fn definite_write_errors_fail_and_the_rest_are_info() {
-        let refused = crate::server::status::to_status(
+        let refused = crate::pb::status::to_status(
             &crate::Error::NotLeader {
                 shard: 1,
                 leader_hint: None,
@@ -595,7 +595,7 @@ mod tests {
         assert_eq!(write_failure(&refused), OpType::Fail);
         let deadline = tonic::Status::deadline_exceeded("timeout");
         assert_eq!(write_failure(&deadline), OpType::Info);
-        let changed = crate::server::status::to_status(
+        let changed = crate::pb::status::to_status(
             &crate::Error::LeaderChanged {
                 shard: 1,
                 leader_hint: None,

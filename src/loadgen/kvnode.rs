@@ -26,11 +26,11 @@ use tonic::transport::{Channel, Endpoint};
 use super::{Level, LoadError, OpError, System, Target, error_chain};
 use crate::client::{Client, ClientOptions};
 use crate::consistency::{ReadOptions, SessionToken};
+use crate::pb::MAX_MESSAGE_BYTES;
 use crate::pb::convert;
 use crate::pb::kv::GetRequest;
 use crate::pb::kv::kv_client::KvClient;
-use crate::server::kv::MAX_MESSAGE_BYTES;
-use crate::server::status::from_status;
+use crate::pb::status::from_status;
 
 /// A kvnode cluster under load.
 #[derive(Debug)]

@@ -8,6 +8,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::value::VersionedValue;
+
 /// A write to one key, replicated through the shard's Raft log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -94,14 +96,4 @@ pub enum CommandResult {
         /// The value the key held instead, with its version.
         current: Option<VersionedValue>,
     },
-}
-
-/// A value with the log index of the write that produced it (its version).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VersionedValue {
-    /// Log index of the key's last write.
-    pub version: u64,
-    /// The value.
-    #[serde(with = "serde_bytes")]
-    pub value: Vec<u8>,
 }

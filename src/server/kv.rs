@@ -36,6 +36,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::node::Node;
+use crate::pb::MAX_MESSAGE_BYTES;
 use crate::pb::convert;
 use crate::pb::kv::kv_client::KvClient;
 use crate::pb::kv::kv_server::{Kv, KvServer};
@@ -43,13 +44,10 @@ use crate::pb::kv::{
     CompareAndSetRequest, CompareAndSetResponse, DeleteRequest, DeleteResponse, GetRequest,
     GetResponse, NodeInfo, PutRequest, PutResponse, ShardStatus, StatusRequest, StatusResponse,
 };
-use crate::server::status::{FORWARDED, forward_failure, from_status, is_kvnode_status, to_status};
+use crate::pb::status::{FORWARDED, forward_failure, from_status, is_kvnode_status, to_status};
 
 /// How many times one node forwards one request before giving up with the last error.
 pub const MAX_HOPS: usize = 2;
-
-/// Largest gRPC message accepted or sent (a value up to the configured maximum plus framing).
-pub const MAX_MESSAGE_BYTES: usize = 80 * 1024 * 1024;
 
 /// The client API of a node.
 #[derive(Debug, Clone)]

@@ -3,7 +3,6 @@
 
 pub mod kv;
 pub mod raft;
-pub mod status;
 
 use std::future::Future;
 use std::sync::Arc;

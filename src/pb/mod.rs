@@ -1,5 +1,13 @@
-//! Generated gRPC code (`proto/*.proto`) and the conversions between wire and domain types:
-//! the only place that knows both.
+//! Generated gRPC code (`proto/*.proto`), the conversions between wire and domain types (the
+//! only place that knows both), the one mapping between errors and gRPC statuses
+//! ([`status`]) and the client API's message limit: everything the server and the client
+//! share, so the client builds without the server.
+
+pub mod status;
+
+/// Largest client-API gRPC message accepted or sent, by nodes and clients alike (a value up
+/// to the configured maximum plus framing).
+pub const MAX_MESSAGE_BYTES: usize = 80 * 1024 * 1024;
 
 /// The client API (`proto/kv.proto`).
 #[allow(missing_docs, clippy::all)]
@@ -31,7 +39,7 @@ pub mod convert {
         WriteReceipt,
     };
     use crate::error::Error;
-    use crate::raft::VersionedValue;
+    use crate::value::VersionedValue;
 
     /// Decodes a request's read options; an unknown level or a bounded read without a bound
     /// is `InvalidArgument`.
