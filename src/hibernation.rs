@@ -92,8 +92,8 @@ use openraft::async_runtime::watch::WatchReceiver;
 
 use crate::config::Config;
 use crate::pb::raft::PingReply;
+use crate::peers::Peers;
 use crate::raft::ShardRaft;
-use crate::raft::network::Peers;
 
 /// When a group last saw client traffic, and whether the controller put it to sleep.
 #[derive(Debug)]

@@ -82,7 +82,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::pb::raft::ConfirmItem;
-use crate::raft::network::Peers;
+use crate::peers::Peers;
 
 /// Messages to one peer that may be in flight at once; a peer with more counts as not answering.
 pub const MAX_OUTSTANDING: usize = 2;

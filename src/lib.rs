@@ -156,6 +156,7 @@
 //! | [`router`] | key → shard → local replica |
 //! | [`node`] | composition root and the key-value API: [`Node`] |
 //! | [`reply`] | what the API returns |
+//! | [`peers`] | a node's channels to its peers (Raft and forwarding apart) and the node-level calls: ping, leadership confirmation, read index; test partitions |
 //! | [`value`] | [`VersionedValue`]: a value and its version, shared by every layer |
 //! | [`pb`] | generated gRPC code, the wire ↔ domain conversions, the error ↔ status mapping ([`pb::status`]), the message limit |
 //! | [`server`] | tonic services: client API with forwarding ([`server::kv`]), peer transport ([`server::raft`]) |
@@ -180,6 +181,7 @@ pub mod leadership;
 pub mod loadgen;
 pub mod node;
 pub mod pb;
+pub mod peers;
 #[cfg(feature = "planted-bugs")]
 #[doc(hidden)]
 pub mod planted;

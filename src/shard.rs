@@ -39,8 +39,8 @@ use crate::consistency::{Fallback, ReadLevel, ReadReceipt, ServedLevel, Stalenes
 use crate::error::{Error, Result};
 use crate::hibernation::{Activity, Group};
 use crate::leadership::{LeadershipChecks, Outcome};
+use crate::peers::Peers;
 use crate::raft::commit_horizon::CommitHorizon;
-use crate::raft::network::Peers;
 use crate::raft::{
     Command, CommandResult, LogStore, ShardRaft, StateMachine, StateReader, TypeConfig,
     VersionedValue,

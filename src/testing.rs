@@ -19,7 +19,7 @@ use tokio::time::{Instant, sleep};
 
 use crate::config::Config;
 use crate::node::Node;
-use crate::raft::network::Peers;
+use crate::peers::Peers;
 
 /// Polls `check` every 20 ms until it returns `Some`; panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T

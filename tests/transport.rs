@@ -19,7 +19,8 @@ use tonic::Code;
 
 use kvnode::pb::raft::raft_transport_client::RaftTransportClient;
 use kvnode::pb::raft::{PeerHeader, RaftRequest, SnapshotChunk};
-use kvnode::raft::network::{Peers, ShardNetwork};
+use kvnode::peers::Peers;
+use kvnode::raft::network::ShardNetwork;
 use kvnode::raft::{SnapshotMeta, TypeConfig, Vote};
 use kvnode::storage::SnapshotWriter;
 use kvnode::storage::codec::encode_serde;

@@ -50,8 +50,9 @@ use crate::pb::raft::{
     ConfirmReply, ConfirmRequest, PeerHeader, PingReply, PingRequest, RaftReply, RaftRequest,
     SnapshotChunk,
 };
-use crate::raft::network::ReadIndexReply;
-use crate::raft::network::{MAX_MESSAGE_BYTES, WarnLimiter};
+use crate::peers::ReadIndexReply;
+use crate::peers::WarnLimiter;
+use crate::raft::network::MAX_MESSAGE_BYTES;
 use crate::raft::{Snapshot, SnapshotMeta, TypeConfig, Vote};
 use crate::shard::Shard;
 use crate::storage::SnapshotFile;
