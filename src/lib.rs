@@ -5,7 +5,7 @@
 //! shards by consistent hashing; every shard is one Raft group (openraft); every read names its
 //! consistency level and every reply says what was served.
 //!
-//! This crate doc is the design doc. `../shared/design/ARCHITECTURE.md` is the target; where
+//! This crate doc is the design doc. `docs/design/architecture.md` is the target; where
 //! the code differs, this page says so and why.
 //!
 //! ## The request path

@@ -1,4 +1,4 @@
-//! The fault-test history: one JSON object per line (JSONL), as `../shared/design/jepsen.md`
+//! The fault-test history: one JSON object per line (JSONL), as `docs/design/jepsen.md`
 //! §3.2 specifies, and its pairing into completed operations.
 //!
 //! This module owns the record types ([`Op`] for client operations, [`NemesisEvent`] for fault

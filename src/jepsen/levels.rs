@@ -1,4 +1,4 @@
-//! Checks for the read levels that are not linearizable, as `../shared/design/jepsen.md` §3.5
+//! Checks for the read levels that are not linearizable, as `docs/design/jepsen.md` §3.5
 //! specifies: fast version checks over paired operations, each O(n log n).
 //!
 //! - [`check_versions`] (every level): one value per (key, version), else split brain.

@@ -1,6 +1,6 @@
 //! The linearizability checker for the `register` workload: per key, a versioned CAS register,
 //! searched with memoized WGL (Wing–Gong–Lowe, as in porcupine's `checkSingle`), as
-//! `../shared/design/jepsen.md` §4 specifies.
+//! `docs/design/jepsen.md` §4 specifies.
 //!
 //! This module owns the register model, the search, and the report. [`check`] pairs a
 //! [`History`], keeps the operations that belong in a linearizability check, splits them by key

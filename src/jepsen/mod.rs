@@ -1,4 +1,4 @@
-//! Jepsen-style fault testing of a `kvnode` cluster (`../shared/design/jepsen.md`), runnable by
+//! Jepsen-style fault testing of a `kvnode` cluster (`docs/design/jepsen.md`), runnable by
 //! anyone against their own build with `kvctl jepsen run` (or `scripts/jepsen.sh`).
 //!
 //! A run ([`run`]) starts real `kvnode` processes ([`processes`]) on their own addresses, with

@@ -1,4 +1,4 @@
-//! The nemesis: a seeded schedule of faults (`../shared/design/jepsen.md` §3.4) and its
+//! The nemesis: a seeded schedule of faults (`docs/design/jepsen.md` §3.4) and its
 //! execution against the run's processes and network.
 //!
 //! Each fault family (`partition`, `kill`, `pause`) has its own timeline: a fault starts, is

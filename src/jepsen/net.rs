@@ -1,5 +1,5 @@
 //! How the Jepsen harness cuts the links between real `kvnode` processes on one box
-//! (`../shared/design/jepsen.md` §7): the addresses each node listens on and the `--peers` map
+//! (`docs/design/jepsen.md` §7): the addresses each node listens on and the `--peers` map
 //! each one gets, and the two ways a directed link is cut, [`NetKind::Netns`] (iptables DROP
 //! rules in a private network namespace, as Jepsen does) and [`NetKind::Proxy`] (an
 //! unprivileged blackholing TCP proxy per directed link).

@@ -1,4 +1,4 @@
-//! The `set` workload's checker (`../shared/design/jepsen.md` §3.3): one key per unique
+//! The `set` workload's checker (`docs/design/jepsen.md` §3.3): one key per unique
 //! element, added by a write of a unique value, then a final read of every key.
 //!
 //! An element is a (key, value) pair. Against the final reads:

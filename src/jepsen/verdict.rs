@@ -2,7 +2,7 @@
 //! end of a run, or offline on a saved `history.jsonl`) and states one line per checker,
 //! the operation counts, and the first counterexample of each failed check.
 //!
-//! Which operations each checker sees (`../shared/design/jepsen.md` §3.5):
+//! Which operations each checker sees (`docs/design/jepsen.md` §3.5):
 //! - register keys (`reg-…`): linearizability of writes, CAS and `lin`/`fri` reads; the same
 //!   for `lease` reads (a separate verdict: lease reads are linearizable only while clocks
 //!   drift boundedly); one value per version (split brain); one version per unique value (no

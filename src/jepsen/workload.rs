@@ -1,4 +1,4 @@
-//! The fault test's client workers and final reads (`../shared/design/jepsen.md` §3.2–3.3):
+//! The fault test's client workers and final reads (`docs/design/jepsen.md` §3.2–3.3):
 //! register workers doing reads at every level, writes and compare-and-sets on rotating keys,
 //! and set adds of unique elements, each worker pinned to one node and recording every
 //! operation in the history; then, after the heal, the final reads.
