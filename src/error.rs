@@ -81,9 +81,9 @@ pub enum Error {
         leader_hint: Option<u64>,
     },
 
-    /// On-disk state is damaged or unreadable.
+    /// On-disk state is damaged or unreadable, or the disk failed.
     #[error(transparent)]
-    Storage(#[from] crate::storage::Error),
+    Storage(#[from] StorageError),
 
     /// A shard's Raft group stopped after a fatal error (for example a storage failure).
     #[error("shard {shard} stopped: {reason}")]
@@ -123,6 +123,38 @@ impl Error {
                 | Error::LeaderChanged { .. }
                 | Error::Shutdown
         )
+    }
+}
+
+/// A failure of the node's storage: which file or directory, and what went wrong. Opaque:
+/// the storage engines' own error types stay inside kvnode.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct StorageError(Box<crate::storage::Error>);
+
+impl StorageError {
+    /// True if data on disk is damaged (a checksum failed, a record does not decode, a log is
+    /// not contiguous), as opposed to an I/O failure or an unsupported format.
+    pub fn is_corruption(&self) -> bool {
+        matches!(*self.0, crate::storage::Error::Corruption { .. })
+    }
+
+    /// The storage-layer error (for kvnode's own tests and tools).
+    #[doc(hidden)]
+    pub fn inner(&self) -> &crate::storage::Error {
+        &self.0
+    }
+}
+
+impl From<crate::storage::Error> for StorageError {
+    fn from(e: crate::storage::Error) -> Self {
+        StorageError(Box::new(e))
+    }
+}
+
+impl From<crate::storage::Error> for Error {
+    fn from(e: crate::storage::Error) -> Self {
+        Error::Storage(e.into())
     }
 }
 

@@ -169,29 +169,46 @@
 
 #![deny(missing_docs)]
 
+// The documented API is what an application uses: `Node`, `Config`, the read levels and
+// receipts, errors, the Rust `client`, the wire types (`pb`) and `server::serve`. Modules
+// marked `doc(hidden)` are internals, public only so that kvnode's own tests, benches and
+// tools can reach them; they carry no stability promise and may name openraft or sled types.
+
 pub mod client;
+#[doc(hidden)]
 pub mod clock;
+#[doc(hidden)]
 pub mod cluster;
 pub mod config;
 pub mod consistency;
 pub mod error;
+#[doc(hidden)]
 pub mod hibernation;
+#[doc(hidden)]
 pub mod jepsen;
+#[doc(hidden)]
 pub mod leadership;
+#[doc(hidden)]
 pub mod loadgen;
 pub mod node;
 pub mod pb;
+#[doc(hidden)]
 pub mod peers;
 #[cfg(feature = "planted-bugs")]
 #[doc(hidden)]
 pub mod planted;
+#[doc(hidden)]
 pub mod raft;
+#[doc(hidden)]
 pub mod read_index;
 pub mod reply;
+#[doc(hidden)]
 pub mod router;
 pub mod server;
+#[doc(hidden)]
 pub mod shard;
 pub mod sharding;
+#[doc(hidden)]
 pub mod storage;
 #[doc(hidden)]
 pub mod testing;
@@ -199,6 +216,6 @@ pub mod value;
 
 pub use config::Config;
 pub use consistency::{ReadLevel, ReadOptions, ReadReceipt, SessionToken, WriteReceipt};
-pub use error::{Error, Result};
+pub use error::{Error, Result, StorageError};
 pub use node::Node;
 pub use reply::{CasReply, DeleteReply, GetReply, VersionedValue};

@@ -181,32 +181,38 @@ impl Node {
         self.placement.get(&shard).map_or(&[], Vec::as_slice)
     }
 
+    #[doc(hidden)]
     /// The local replica of `shard`, if this node hosts one.
     pub fn local_shard(&self, shard: ShardId) -> Option<&Shard> {
         self.router.local(shard)
     }
 
+    #[doc(hidden)]
     /// Every local replica.
     pub fn local_shards(&self) -> impl Iterator<Item = &Shard> {
         self.router.shards()
     }
 
+    #[doc(hidden)]
     /// This process's boot id (see [`crate::hibernation`]).
     pub fn boot_id(&self) -> u64 {
         self.boot_id
     }
 
+    #[doc(hidden)]
     /// Channels to the other nodes (None when embedded).
     pub fn peers(&self) -> Option<&Arc<Peers>> {
         self.peers.as_ref()
     }
 
+    #[doc(hidden)]
     /// The node-level leadership checks behind its shards' linearizable reads (see
     /// [`crate::leadership`]).
     pub fn leadership_checks(&self) -> &Arc<LeadershipChecks> {
         &self.checks
     }
 
+    #[doc(hidden)]
     /// Every shard as this node sees it: replicas, and for local replicas openraft's view.
     pub fn status(&self) -> Vec<(ShardId, Vec<u64>, Option<ShardView>)> {
         self.placement
@@ -221,6 +227,7 @@ impl Node {
             .collect()
     }
 
+    #[doc(hidden)]
     /// The node's storage (snapshot folders for incoming snapshots).
     pub fn store(&self) -> &Store {
         &self.store

@@ -899,7 +899,7 @@ impl Shard {
 /// the public error.
 fn io_to_error(shard: u64, e: std::io::Error) -> Error {
     match e.downcast::<crate::storage::Error>() {
-        Ok(storage) => Error::Storage(storage),
+        Ok(storage) => Error::Storage(storage.into()),
         Err(other) => Error::ShardStopped {
             shard,
             reason: other.to_string(),

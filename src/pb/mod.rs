@@ -15,8 +15,9 @@ pub mod kv {
     tonic::include_proto!("kvnode.v1");
 }
 
-/// The peer transport (`proto/raft.proto`).
+/// The peer transport (`proto/raft.proto`): between nodes only.
 #[allow(missing_docs, clippy::all)]
+#[doc(hidden)]
 pub mod raft {
     tonic::include_proto!("kvnode.raft.v1");
 }
@@ -25,6 +26,7 @@ pub mod raft {
 /// ([`crate::loadgen::etcd`]) makes, with etcd's own package, names and field numbers
 /// (`proto/etcd.proto`).
 #[allow(missing_docs, clippy::all)]
+#[doc(hidden)]
 pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }

@@ -1,7 +1,8 @@
-//! The gRPC server of a node: the client API ([`kv`]), the peer transport ([`raft`]) and the
-//! single error mapping ([`status`]). Services are thin: decode, call the node, encode.
+//! The gRPC server of a node: the client API ([`kv`]) and the peer transport (`raft`), with
+//! errors mapped by [`crate::pb::status`]. Services are thin: decode, call the node, encode.
 
 pub mod kv;
+#[doc(hidden)]
 pub mod raft;
 
 use std::future::Future;
