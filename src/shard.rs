@@ -555,18 +555,21 @@ impl Shard {
     /// still hold), just elected (nothing of this term applied yet), a joint membership, or no
     /// majority confirmed.
     async fn confirmed_read_index(&self) -> Option<u64> {
+        // The term of an applied entry this replica proposed.
+        let position = self.reader.applied_position();
+        if position.leader != self.node_id {
+            return None;
+        }
         let voters: Vec<u64> = {
             let metrics = self.raft.metrics();
             let m = metrics.borrow_watched();
-            // Leading right now, with a vote of this node that a quorum granted: a replica
+            // Leading right now, in that term, with a vote a quorum granted: a replica
             // restarted with its old vote starts as a follower and stays one until it wins a
             // new election, even while its peers still hold the old vote.
-            let position = self.reader.applied_position();
             if m.state != openraft::ServerState::Leader
                 || !m.vote.committed
                 || m.vote.leader_id.node_id != self.node_id
                 || m.vote.leader_id.term != position.term
-                || position.leader != self.node_id
             {
                 return None;
             }
@@ -580,12 +583,8 @@ impl Shard {
                 _ => return None,
             }
         };
-        if !voters.contains(&self.node_id) {
-            return None;
-        }
-        // The term of an applied entry this replica proposed, and the stored vote still ours.
-        let position = self.reader.applied_position();
-        if position.leader != self.node_id || !self.log.holds_vote_for(position.term, self.node_id)
+        // And the stored vote (the one peers are asked about) still ours of that term.
+        if !voters.contains(&self.node_id) || !self.log.holds_vote_for(position.term, self.node_id)
         {
             return None;
         }
