@@ -125,6 +125,9 @@ impl Node {
         }))
         .await;
         let shards = opened.into_iter().collect::<Result<Vec<Shard>>>()?;
+        // Test builds: the fault tester's apply-lag nemesis, if KVNODE_APPLY_LAG asks for it.
+        #[cfg(feature = "planted-bugs")]
+        crate::raft::apply_stall::start_from_env(shards.iter().map(Shard::lag_target).collect());
 
         let started = join_all(shards.iter().map(|shard| {
             let replicas = &placement[&shard.id()];

@@ -5,27 +5,43 @@
 //! even when a test or bench build compiled the hooks in.
 //!
 //! The bugs themselves are fenced hooks in [`crate::shard`] (`planted_read`, `planted_write`,
-//! and `holds_vote_for` for `confirm-any-vote`);
+//! `planted_read_index`, and `holds_vote_for` for `confirm-any-vote`);
 //! this module only says which one, if any, is active. Unset or empty: none, and the store
 //! behaves exactly as without the feature.
+//!
+//! Each hook reports, through [`fired`], every time the bug was *exercised*: when it served or
+//! acknowledged something in the situation the bug is about (see each [`Bug`] variant), not
+//! every time it merely took the request. That is one log line starting with [`FIRED`], which
+//! the fault tester counts in the node logs (`kvctl jepsen run --exercise N` runs until the bug
+//! has fired N times), so a campaign shows how often it gave its checkers something to catch.
 
 use std::sync::OnceLock;
 
 /// The environment variable that names the active bug.
 pub const ENV_VAR: &str = "KVNODE_PLANTED_BUG";
 
+/// How the line begins that a process with an armed bug logs at start: `PLANTED BUG ACTIVE:
+/// <name>` (the fault tester looks for it before it trusts a planted-bug campaign).
+pub const ACTIVE_BANNER: &str = "PLANTED BUG ACTIVE";
+
+/// How every line that reports an exercised bug begins: `planted bug fired: <name>: <what>`.
+pub const FIRED: &str = "planted bug fired";
+
 /// A known consistency bug the shard can be told to commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bug {
     /// `follower-local-read`: a linearizable read on a follower serves local state at once,
-    /// with no read index (stale reads).
+    /// with no read index (stale reads). Exercised: served while no message from the leader's
+    /// node arrived for longer than the lease (the follower may be cut off and behind).
     FollowerLocalRead,
     /// `leader-no-confirm`: a linearizable or lease read on a replica that believes it leads
     /// serves local state with no quorum round or lease check (stale reads from a deposed
-    /// leader).
+    /// leader). Exercised: served by an awake leader with no quorum acknowledgement for longer
+    /// than the lease (another leader may have been elected).
     LeaderNoConfirm,
     /// `ack-uncommitted`: the leader acknowledges a write that has not committed within 50 ms
-    /// (lost acknowledged writes when it is then deposed).
+    /// (lost acknowledged writes when it is then deposed). Exercised: a write it acknowledged
+    /// early then failed to commit under this leader (lost, unless a later leader had it).
     AckUncommitted,
     /// `confirm-any-vote`: a replica answers every node-level leadership check yes, whatever
     /// vote it holds (stale linearizable reads from a deposed leader that can still reach the
@@ -34,7 +50,8 @@ pub enum Bug {
     /// `read-index-applied`: a leader's node-level read index is its applied index alone, not
     /// raised to the last apply started and the highest commit index sent to a peer (stale
     /// linearizable reads while the leader's apply lags its commit: a follower shows an entry
-    /// the leader has not applied yet).
+    /// the leader has not applied yet). Exercised: a read index handed out below the one the
+    /// correct code captures.
     ReadIndexApplied,
 }
 
@@ -58,6 +75,12 @@ impl Bug {
             Bug::ReadIndexApplied => "read-index-applied",
         }
     }
+}
+
+/// Logs that `bug` was exercised (see the module doc): one line, `planted bug fired: <name>:
+/// <what>`.
+pub(crate) fn fired(bug: Bug, what: std::fmt::Arguments<'_>) {
+    tracing::warn!("{FIRED}: {}: {what}", bug.name());
 }
 
 /// Parses a bug's name as spelled in [`ENV_VAR`].

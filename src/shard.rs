@@ -605,13 +605,14 @@ impl Shard {
     /// replica may have made visible, so far (see [`crate::leadership`] §1). `applied` is the
     /// applied index the caller checked the term of.
     fn captured_read_index(&self, applied: u64) -> u64 {
-        #[cfg(feature = "planted-bugs")]
-        if crate::planted::active() == Some(crate::planted::Bug::ReadIndexApplied) {
-            return applied;
-        }
-        applied
+        let index = applied
             .max(self.reader.apply_started())
-            .max(self.horizon.get())
+            .max(self.horizon.get());
+        #[cfg(feature = "planted-bugs")]
+        if let Some(planted) = self.planted_read_index(applied, index) {
+            return planted;
+        }
+        index
     }
 
     /// Test builds: the hook that holds this replica's applies (see
@@ -626,8 +627,8 @@ impl Shard {
     /// leadership check, see [`crate::leadership`]).
     pub fn holds_vote_for(&self, term: u64, leader: u64) -> bool {
         #[cfg(feature = "planted-bugs")]
-        if crate::planted::active() == Some(crate::planted::Bug::ConfirmAnyVote) {
-            return true;
+        if let Some(planted) = self.planted_holds_vote_for(term, leader) {
+            return planted;
         }
         self.log.holds_vote_for(term, leader)
     }
@@ -826,13 +827,20 @@ impl Shard {
     /// `follower-local-read`: a linearizable read on a non-leader serves local state at once.
     /// `leader-no-confirm`: a linearizable or lease read on a replica that believes it leads
     /// serves local state with no quorum round and no lease check.
+    ///
+    /// Either reports itself exercised when it serves out of touch for longer than the lease
+    /// (`lease_renew_after`): a follower that heard nothing from its leader's node (it may be
+    /// cut off, and behind), an awake leader with no quorum acknowledgement (a newer leader
+    /// may have been elected). A hibernating leader's lease lapses by design, so it does not
+    /// count.
     fn planted_read(
         &self,
         key: &[u8],
         level: &ReadLevel,
     ) -> Option<Result<(Option<VersionedValue>, ReadReceipt)>> {
         use crate::planted::Bug;
-        let served = match (crate::planted::active()?, level) {
+        let bug = crate::planted::active()?;
+        let served = match (bug, level) {
             (Bug::FollowerLocalRead, ReadLevel::Linearizable)
                 if !self.planted_believes_leader() =>
             {
@@ -846,14 +854,83 @@ impl Shard {
             }
             _ => return None,
         };
-        Some(self.local(key, served, Staleness::Zero))
+        let out_of_touch = if bug == Bug::FollowerLocalRead {
+            let leader = self.raft.metrics().borrow_watched().current_leader;
+            let heard = leader.and_then(|l| self.peers.as_ref()?.heard_from(l));
+            heard.is_none_or(|t| t.elapsed() > self.lease_renew_after)
+        } else {
+            let acked = self.raft.metrics().borrow_watched().last_quorum_acked;
+            !self.activity.is_hibernating()
+                && acked.is_none_or(|t| openraft::Instant::elapsed(&*t) > self.lease_renew_after)
+        };
+        let read = self.local(key, served, Staleness::Zero);
+        if out_of_touch && let Ok((_, receipt)) = &read {
+            crate::planted::fired(
+                bug,
+                format_args!(
+                    "shard {} served a {level:?} read at applied index {} out of touch for over {} ms",
+                    self.id,
+                    receipt.applied_index,
+                    self.lease_renew_after.as_millis()
+                ),
+            );
+        }
+        Some(read)
+    }
+
+    /// `read-index-applied`: a leader's node-level read index is its applied index alone.
+    /// Exercised when that is below `correct`, the index the correct code captures (a
+    /// follower may already show entries this read will not).
+    fn planted_read_index(&self, applied: u64, correct: u64) -> Option<u64> {
+        if crate::planted::active()? != crate::planted::Bug::ReadIndexApplied {
+            return None;
+        }
+        if applied < correct {
+            crate::planted::fired(
+                crate::planted::Bug::ReadIndexApplied,
+                format_args!(
+                    "shard {} read index {applied} instead of {correct}",
+                    self.id
+                ),
+            );
+        }
+        Some(applied)
+    }
+
+    /// `confirm-any-vote`: every leadership check is answered yes. Exercised when the stored
+    /// vote says no.
+    fn planted_holds_vote_for(&self, term: u64, leader: u64) -> Option<bool> {
+        if crate::planted::active()? != crate::planted::Bug::ConfirmAnyVote {
+            return None;
+        }
+        if !self.log.holds_vote_for(term, leader) {
+            crate::planted::fired(
+                crate::planted::Bug::ConfirmAnyVote,
+                format_args!(
+                    "shard {} confirmed leader {leader} of term {term} against its stored vote",
+                    self.id
+                ),
+            );
+        }
+        Some(true)
+    }
+
+    /// The apply-lag driver's handle on this replica (see [`crate::raft::apply_stall`]).
+    pub(crate) fn lag_target(&self) -> crate::raft::apply_stall::LagTarget {
+        crate::raft::apply_stall::LagTarget {
+            shard: self.id,
+            stall: Arc::downgrade(&self.stall),
+            metrics: self.raft.metrics(),
+        }
     }
 
     /// `ack-uncommitted`: on a replica that believes it leads, proposes `command` in the
     /// background and, if it has not committed within [`Self::PLANTED_ACK_AFTER`], acknowledges
     /// it anyway with the result it would have had (a CAS pretends it applied) and a guessed
     /// index. A write that finishes in time returns its real outcome; a non-leader takes the
-    /// normal path (and answers `NotLeader`, so forwarding still works).
+    /// normal path (and answers `NotLeader`, so forwarding still works). An early
+    /// acknowledgement is watched to its end: if this leader then fails to commit it (it was
+    /// deposed, the entry discarded) the bug reports itself exercised.
     async fn planted_write(&self, command: &Command) -> Option<Result<(CommandResult, u64)>> {
         if crate::planted::active()? != crate::planted::Bug::AckUncommitted
             || !self.planted_believes_leader()
@@ -862,16 +939,14 @@ impl Shard {
         }
         let last_log_index = self.raft.metrics().borrow_watched().last_log_index;
         let raft = self.raft.clone();
-        let timeout = self.timeout;
         let proposed = command.clone();
-        let mut write = tokio::spawn(async move {
-            tokio::time::timeout(timeout, raft.client_write(proposed)).await
-        });
+        // No deadline: the outcome must be known for the report (openraft answers every
+        // proposal once it is applied or its leader steps down).
+        let mut write = tokio::spawn(async move { raft.client_write(proposed).await });
         Some(
             match tokio::time::timeout(Self::PLANTED_ACK_AFTER, &mut write).await {
-                Ok(Ok(Ok(Ok(reply)))) => Ok((reply.data, reply.log_id.index())),
-                Ok(Ok(Ok(Err(e)))) => Err(self.write_error(e)),
-                Ok(Ok(Err(_))) => Err(self.timeout_error("write", true)),
+                Ok(Ok(Ok(reply))) => Ok((reply.data, reply.log_id.index())),
+                Ok(Ok(Err(e))) => Err(self.write_error(e)),
                 Ok(Err(join)) => Err(Error::ShardStopped {
                     shard: self.id,
                     reason: format!("planted write task failed: {join}"),
@@ -887,6 +962,18 @@ impl Shard {
                     };
                     let index = last_log_index.map_or(1, |i| i + 1);
                     tracing::debug!(shard = self.id, %command, index, "planted: acked uncommitted");
+                    let shard = self.id;
+                    tokio::spawn(async move {
+                        if let Ok(Err(e)) = write.await {
+                            crate::planted::fired(
+                                crate::planted::Bug::AckUncommitted,
+                                format_args!(
+                                    "shard {shard} acknowledged a write as index {index}, then \
+                                     did not commit it: {e}"
+                                ),
+                            );
+                        }
+                    });
                     Ok((result, index))
                 }
             },

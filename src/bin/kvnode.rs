@@ -202,6 +202,9 @@ pub fn main() -> ExitCode {
             bug = kvnode::planted::active().map_or("none", |b| b.name()),
             "TEST BUILD WITH PLANTED-BUG HOOKS (kvnode-planted): never use it for real data"
         );
+        if let Some(bug) = kvnode::planted::active() {
+            tracing::warn!("{}: {}", kvnode::planted::ACTIVE_BANNER, bug.name());
+        }
     }
     let args = Args::parse();
     let runtime = match tokio::runtime::Runtime::new() {

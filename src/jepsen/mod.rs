@@ -5,8 +5,10 @@
 //! links that can be cut ([`net`]: per-pair `iptables` drops in a private network namespace,
 //! or a fault-injecting TCP proxy where that is not allowed). Client workers ([`workload`])
 //! record every operation in a history ([`recorder`], format in [`history`]) while the
-//! nemesis ([`nemesis`]) runs a seeded schedule of partitions, kills and pauses, asking the
-//! nodes ([`probe`]) which one leads what. After a heal and the final reads, every checker
+//! nemesis ([`nemesis`]) runs a seeded schedule of partitions, kills and pauses (and, in test
+//! builds, has shard leaders' applies lag their commits), asking the nodes ([`probe`]) which
+//! one leads what; their logs ([`node_logs`]) say how often a planted bug was exercised. After
+//! a heal, a settling wait and the final reads, every checker
 //! runs over the history ([`verdict`]): per-key linearizability ([`linearizability`],
 //! memoized WGL), the per-level checks ([`levels`]: split brain, bounded staleness, eventual
 //! validity and convergence, session) and lost writes ([`set`]); the report comes with a
@@ -17,6 +19,7 @@ pub mod levels;
 pub mod linearizability;
 pub mod nemesis;
 pub mod net;
+pub mod node_logs;
 pub mod probe;
 pub mod processes;
 pub mod recorder;

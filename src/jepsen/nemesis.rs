@@ -11,6 +11,11 @@
 //!
 //! Every start and stop is recorded in the history as a nemesis line whose `info` names the
 //! shape, the nodes hit and, for partitions, the cut links.
+//!
+//! `apply-lag` is different: the nodes inject it themselves (test builds only, see
+//! `kvnode::raft::apply_stall`, switched on by `KVNODE_APPLY_LAG` when the nodes start), in
+//! windows fixed on the wall clock; [`record_apply_lag`] writes those windows into the history
+//! as they happen, so they show like any other fault.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -19,6 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tokio::sync::watch;
 
 use super::history::OpType;
 use super::net::Net;
@@ -36,11 +42,22 @@ pub enum Family {
     Kill,
     /// SIGSTOP and SIGCONT.
     Pause,
+    /// Shard leaders whose applies lag their commits: periodic windows in which every node
+    /// holds the applies of the shards it leads (see [`ApplyLag`]; not in [`Family::ALL`]).
+    ApplyLag,
 }
 
 impl Family {
-    /// Every family.
+    /// The families scheduled by [`Schedule::generate`] (the default nemesis).
     pub const ALL: [Family; 3] = [Family::Partition, Family::Kill, Family::Pause];
+
+    /// Every family `--nemesis` accepts.
+    pub const KNOWN: [Family; 4] = [
+        Family::Partition,
+        Family::Kill,
+        Family::Pause,
+        Family::ApplyLag,
+    ];
 
     /// The family's name as `--nemesis` spells it.
     pub fn name(self) -> &'static str {
@@ -48,6 +65,7 @@ impl Family {
             Family::Partition => "partition",
             Family::Kill => "kill",
             Family::Pause => "pause",
+            Family::ApplyLag => "apply-lag",
         }
     }
 }
@@ -60,7 +78,7 @@ impl fmt::Display for Family {
 
 /// An unknown fault family.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown nemesis {0:?}: expected partition, kill or pause")]
+#[error("unknown nemesis {0:?}: expected partition, kill, pause or apply-lag")]
 pub struct UnknownFamily(pub String);
 
 /// The member of `all` whose `name` is `s` (trimmed).
@@ -72,7 +90,7 @@ impl FromStr for Family {
     type Err = UnknownFamily;
 
     fn from_str(s: &str) -> Result<Family, UnknownFamily> {
-        by_name(&Family::ALL, Family::name, s).ok_or_else(|| UnknownFamily(s.to_string()))
+        by_name(&Family::KNOWN, Family::name, s).ok_or_else(|| UnknownFamily(s.to_string()))
     }
 }
 
@@ -219,7 +237,8 @@ pub struct Schedule {
 
 impl Schedule {
     /// The faults of `families` over `duration`, about one every `interval` per family;
-    /// partitions take the shapes in `shapes` (all of them if it is empty).
+    /// partitions take the shapes in `shapes` (all of them if it is empty). `apply-lag` has no
+    /// steps here: its windows are periodic (see [`ApplyLag`]).
     pub fn generate(
         seed: u64,
         families: &[Family],
@@ -268,6 +287,8 @@ impl Schedule {
                             [Targets::One, Targets::Minority, Targets::Primaries];
                         Fault::Pause(PAUSE[rng.range(0, PAUSE.len() as u64 - 1) as usize])
                     }
+                    // Periodic windows, injected by the nodes themselves.
+                    Family::ApplyLag => break,
                 };
                 steps.push(Step {
                     start: t,
@@ -460,11 +481,14 @@ pub enum NemesisError {
 }
 
 /// Runs `schedule` from `start` (the run's time zero): each family's faults in turn, the
-/// families concurrently. Returns when every fault has been started and undone.
+/// families concurrently, until every fault has been started and undone, or `stop` turns
+/// true: then no further fault starts, and the ones in force are held to their end and
+/// undone. Returns how many faults were injected.
 pub async fn run(
     schedule: &Schedule,
     context: Arc<Context>,
     start: Instant,
+    stop: watch::Receiver<bool>,
 ) -> Result<usize, NemesisError> {
     let mut by_family: BTreeMap<Family, Vec<Step>> = BTreeMap::new();
     for step in &schedule.steps {
@@ -475,14 +499,23 @@ pub async fn run(
     }
     let tasks = by_family.into_values().map(|steps| {
         let context = context.clone();
+        let mut stop = stop.clone();
         tokio::spawn(async move {
+            let mut done = 0;
             for step in &steps {
-                tokio::time::sleep_until((start + step.start).into()).await;
+                tokio::select! {
+                    () = tokio::time::sleep_until((start + step.start).into()) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+                if *stop.borrow() {
+                    break;
+                }
                 let undo = inject(&context, step).await?;
                 tokio::time::sleep(step.hold).await;
                 heal_one(&context, step, undo).await?;
+                done += 1;
             }
-            Ok::<usize, NemesisError>(steps.len())
+            Ok::<usize, NemesisError>(done)
         })
     });
     let mut done = 0;
@@ -595,9 +628,125 @@ async fn heal_one(context: &Context, step: &Step, undo: Undo) -> Result<(), Neme
     Ok(())
 }
 
+/// The `apply-lag` nemesis: in every window of `hold` starting at a multiple of `every` on the
+/// wall clock (time since the UNIX epoch), every node holds the applies of the shards it leads,
+/// so each shard leader's apply lags its commit while its followers apply and serve. The nodes
+/// do it themselves (test builds only: `KVNODE_APPLY_LAG`, see `kvnode::raft::apply_stall`);
+/// the harness only records the windows ([`record_apply_lag`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyLag {
+    /// How long each window holds the applies.
+    pub hold: Duration,
+    /// The period of the windows.
+    pub every: Duration,
+}
+
+impl Default for ApplyLag {
+    /// 800 ms every 3 s: shorter than the nodes' 1 s request timeout, so a write or a read that
+    /// waits for a held apply still completes.
+    fn default() -> ApplyLag {
+        ApplyLag {
+            hold: Duration::from_millis(800),
+            every: Duration::from_secs(3),
+        }
+    }
+}
+
+impl ApplyLag {
+    /// The nodes' `KVNODE_APPLY_LAG` value: `<hold_ms>/<every_ms>`.
+    pub fn env_value(&self) -> String {
+        format!("{}/{}", self.hold.as_millis(), self.every.as_millis())
+    }
+
+    /// The start of the first window at or after `now` (both since the UNIX epoch).
+    fn next_start(&self, now: Duration) -> Duration {
+        let every = self.every.as_nanos().max(1);
+        Duration::from_nanos(
+            u64::try_from(now.as_nanos().div_ceil(every) * every).unwrap_or(u64::MAX),
+        )
+    }
+}
+
+/// A malformed `--apply-lag` value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("apply lag {0:?}: expected HOLD/EVERY with 0 < HOLD < EVERY, e.g. 800ms/3s")]
+pub struct BadApplyLag(pub String);
+
+impl FromStr for ApplyLag {
+    type Err = BadApplyLag;
+
+    /// `HOLD/EVERY`, each a duration such as `800ms` or `3s`.
+    fn from_str(s: &str) -> Result<ApplyLag, BadApplyLag> {
+        let bad = || BadApplyLag(s.to_string());
+        let (hold, every) = s.split_once('/').ok_or_else(bad)?;
+        let hold = crate::loadgen::parse_duration(hold.trim()).map_err(|_| bad())?;
+        let every = crate::loadgen::parse_duration(every.trim()).map_err(|_| bad())?;
+        if hold.is_zero() || hold >= every {
+            return Err(bad());
+        }
+        Ok(ApplyLag { hold, every })
+    }
+}
+
+/// Records the `apply-lag` windows the nodes hold (a `start-apply-lag` and a `stop-apply-lag`
+/// line each, at the window's start and end on the wall clock) until `stop` turns true; a
+/// window under way then is recorded to its end. Returns how many windows it recorded.
+pub async fn record_apply_lag(
+    recorder: Arc<Recorder>,
+    lag: ApplyLag,
+    mut stop: watch::Receiver<bool>,
+) -> usize {
+    let since_epoch = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+    };
+    let info = json!({
+        "fault": Family::ApplyLag.name(),
+        "target": "leaders",
+        "hold_ms": lag.hold.as_millis() as u64,
+        "note": "every node holds the applies of the shards it leads",
+    });
+    let mut windows = 0;
+    loop {
+        let now = since_epoch();
+        let start = lag.next_start(now);
+        tokio::select! {
+            () = tokio::time::sleep(start.saturating_sub(now)) => {}
+            _ = stop.wait_for(|s| *s) => return windows,
+        }
+        let name = Family::ApplyLag.name();
+        recorder.nemesis(OpType::Info, format!("start-{name}"), info.clone());
+        tokio::time::sleep((start + lag.hold).saturating_sub(since_epoch())).await;
+        recorder.nemesis(OpType::Info, format!("stop-{name}"), info.clone());
+        windows += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apply_lag_parses_and_spells_the_node_setting() {
+        let lag: ApplyLag = "800ms/3s".parse().expect("parses");
+        assert_eq!(lag, ApplyLag::default());
+        assert_eq!(lag.env_value(), "800/3000");
+        for bad in ["800ms", "3s/3s", "0ms/3s", "4s/3s", "x/3s"] {
+            assert!(bad.parse::<ApplyLag>().is_err(), "{bad}");
+        }
+        let at = |ms: u64| lag.next_start(Duration::from_millis(ms)).as_millis();
+        assert_eq!((at(0), at(1), at(3000), at(3001)), (0, 3000, 3000, 6000));
+        assert_eq!("apply-lag".parse::<Family>(), Ok(Family::ApplyLag));
+        let schedule = Schedule::generate(
+            1,
+            &[Family::ApplyLag],
+            &[],
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        );
+        assert!(schedule.steps.is_empty(), "apply-lag windows are periodic");
+    }
 
     fn connected(cuts: &BTreeSet<(u64, u64)>, a: u64, b: u64) -> bool {
         !cuts.contains(&(a, b)) && !cuts.contains(&(b, a))

@@ -1,6 +1,6 @@
 //! One fault-test run from start to verdict: start the nodes, record the workers' history
-//! while the nemesis runs its seeded schedule, heal, wait for quiet, do the final reads, stop
-//! the nodes, check the history, and leave everything in the run folder:
+//! while the nemesis runs its seeded schedule, heal, settle, wait for quiet, do the final
+//! reads, stop the nodes, check the history, and leave everything in the run folder:
 //!
 //! ```text
 //! <out>/<run>/run.json        options, seed, network backend, the fault schedule
@@ -12,6 +12,22 @@
 //!            logs/node-N.log each node's log (all its lives)
 //!            data/node-N/    each node's data directory
 //! ```
+//!
+//! **Settling before the final reads.** The final reads compare nodes (convergence) and must
+//! not race a write whose client gave up (`info`) but which can still take effect. Every
+//! request carries its deadline (the client timeout, sent as `grpc-timeout`); a node works on
+//! a request at most that long after it arrives (a forward carries what is left of it, and
+//! the node's own request timeout bounds every request too), and a request held
+//! in a cut link arrives at the latest when the link heals, the last time being the heal. So
+//! the final phase waits until max over requests of (max(invocation, heal) + deadline), plus
+//! [`SETTLE_MARGIN`], and then writes a barrier on every shard ([`workload::barrier`]), which
+//! commits or rules out every entry proposed before it. The report says when the final phase
+//! began.
+//!
+//! **Exercising a planted bug.** A campaign that proves a checker can fail must not pass by
+//! luck. With `exercise` set, the workload and the faults go on past `duration` (up to
+//! [`EXERCISE_LIMIT`] times it) until the nodes' logs show the planted bug exercised that many
+//! times ([`node_logs`]); the report says how often it was.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -24,8 +40,9 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::history::{Event, History, HistoryError, OpType};
-use super::nemesis::{self, Context, Family, Schedule, Shape};
+use super::nemesis::{self, ApplyLag, Context, Family, Schedule, Shape};
 use super::net::{Net, NetError, NetKind};
+use super::node_logs;
 use super::probe::Probe;
 use super::processes::{ClusterSpec, NodeSpec, ProcessError, Processes};
 use super::recorder::Recorder;
@@ -72,7 +89,23 @@ pub struct RunOptions {
     /// A planted bug to switch on in the nodes (`KVNODE_PLANTED_BUG`; only builds with the
     /// `planted-bugs` feature have them).
     pub planted_bug: Option<String>,
+    /// With `planted_bug`: keep the workload and the faults going past `duration` (up to
+    /// [`EXERCISE_LIMIT`] × `duration`) until the nodes' logs show the bug exercised this
+    /// many times. 0: stop after `duration`.
+    pub exercise: u64,
+    /// The windows of the `apply-lag` nemesis, when `families` has it (`KVNODE_APPLY_LAG`;
+    /// only builds with the `planted-bugs` feature act on it).
+    pub apply_lag: ApplyLag,
 }
+
+/// A run that exercises a planted bug stops at the latest after this many times `duration`.
+pub const EXERCISE_LIMIT: u32 = 3;
+
+/// Added to the last request deadline before the final phase (see the module doc).
+pub const SETTLE_MARGIN: Duration = Duration::from_millis(500);
+
+/// The nodes' request timeout (`--request-timeout-ms`), which also bounds a forwarded request.
+const NODE_REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
 
 impl Default for RunOptions {
     fn default() -> RunOptions {
@@ -94,6 +127,8 @@ impl Default for RunOptions {
             election_timeout_ms: (500, 1000),
             hibernate_after_ms: 300,
             planted_bug: None,
+            exercise: 0,
+            apply_lag: ApplyLag::default(),
         }
     }
 }
@@ -124,6 +159,17 @@ pub enum RunError {
     /// The nemesis failed.
     #[error(transparent)]
     Nemesis(#[from] nemesis::NemesisError),
+    /// The nodes did not act on a test-only switch the run relies on.
+    #[error(
+        "no node logged {logged:?}: the nodes ignored {switch} (only the test-only \
+         kvnode-planted binary acts on it: pass it as --kvnode; `cargo test` builds it)"
+    )]
+    SwitchIgnored {
+        /// The environment variable.
+        switch: &'static str,
+        /// The line a node logs when it acts on it.
+        logged: &'static str,
+    },
 }
 
 /// What a run produced.
@@ -158,11 +204,22 @@ pub async fn run(options: RunOptions) -> Result<RunSummary, RunError> {
         .join(format!("run-{stamp}-seed-{}", options.seed));
     std::fs::create_dir_all(dir.join("logs")).map_err(io(&dir))?;
     let ids: Vec<u64> = (1..=options.nodes).collect();
+    let exercise = match &options.planted_bug {
+        Some(bug) if options.exercise > 0 => Some((bug.clone(), options.exercise)),
+        _ => None,
+    };
+    let lagging = options.families.contains(&Family::ApplyLag);
+    let limit = if exercise.is_some() {
+        options.duration * EXERCISE_LIMIT
+    } else {
+        options.duration
+    };
+    // Scheduled up to the limit; a run that stops earlier starts no later fault.
     let schedule = Schedule::generate(
         options.seed,
         &options.families,
         &options.shapes,
-        options.duration,
+        limit,
         options.interval,
     );
     eprintln!(
@@ -181,6 +238,9 @@ pub async fn run(options: RunOptions) -> Result<RunSummary, RunError> {
     if let Some(bug) = &options.planted_bug {
         env.push(("KVNODE_PLANTED_BUG".into(), bug.clone()));
     }
+    if lagging {
+        env.push(("KVNODE_APPLY_LAG".into(), options.apply_lag.env_value()));
+    }
     let cluster = ClusterSpec {
         binary: options.kvnode.clone(),
         cluster_id: format!("jepsen-{}", options.seed),
@@ -189,7 +249,7 @@ pub async fn run(options: RunOptions) -> Result<RunSummary, RunError> {
         heartbeat_ms: options.heartbeat_ms,
         election_timeout_ms: options.election_timeout_ms,
         hibernate_after_ms: options.hibernate_after_ms,
-        request_timeout_ms: 1000,
+        request_timeout_ms: NODE_REQUEST_TIMEOUT.as_millis() as u64,
         env,
     };
     let specs: Vec<NodeSpec> = ids
@@ -213,6 +273,19 @@ pub async fn run(options: RunOptions) -> Result<RunSummary, RunError> {
         .await
         .map_err(RunError::NotReady)?;
     eprintln!("jepsen: cluster ready after {:.1} s", ready.as_secs_f64());
+    let logs = dir.join("logs");
+    if options.planted_bug.is_some() && node_logs::count(&logs, node_logs::PLANTED_ACTIVE) == 0 {
+        return Err(RunError::SwitchIgnored {
+            switch: "KVNODE_PLANTED_BUG",
+            logged: node_logs::PLANTED_ACTIVE,
+        });
+    }
+    if lagging && node_logs::count(&logs, node_logs::APPLY_LAG_ACTIVE) < options.nodes {
+        return Err(RunError::SwitchIgnored {
+            switch: "KVNODE_APPLY_LAG",
+            logged: node_logs::APPLY_LAG_ACTIVE,
+        });
+    }
 
     let recorder = Arc::new(Recorder::create(dir.join("history.jsonl"))?);
     let start = Instant::now();
@@ -223,8 +296,9 @@ pub async fn run(options: RunOptions) -> Result<RunSummary, RunError> {
     let workers = {
         let recorder = recorder.clone();
         let addrs = addrs.clone();
+        let stop = stop_rx.clone();
         tokio::spawn(async move {
-            workload::run_workers(recorder, &addrs, &workload_options, stop_rx).await
+            workload::run_workers(recorder, &addrs, &workload_options, stop).await
         })
     };
     let context = Arc::new(Context {
@@ -236,18 +310,46 @@ pub async fn run(options: RunOptions) -> Result<RunSummary, RunError> {
     });
     let nemesis_task = {
         let schedule = schedule.clone();
-        tokio::spawn(async move { nemesis::run(&schedule, context, start).await })
+        let stop = stop_rx.clone();
+        tokio::spawn(async move { nemesis::run(&schedule, context, start, stop).await })
     };
-    let progress = tokio::spawn(progress(recorder.clone(), probe.clone(), options.duration));
+    let lag_task = lagging.then(|| {
+        tokio::spawn(nemesis::record_apply_lag(
+            recorder.clone(),
+            options.apply_lag,
+            stop_rx.clone(),
+        ))
+    });
+    let progress = tokio::spawn(progress(
+        recorder.clone(),
+        probe.clone(),
+        options.duration,
+        options.planted_bug.clone().map(|bug| (logs.clone(), bug)),
+    ));
 
     tokio::time::sleep(options.duration).await;
+    let mut extended = false;
+    if let Some((bug, wanted)) = &exercise {
+        while node_logs::fired(&logs, bug) < *wanted && start.elapsed() < limit {
+            extended = true;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     let _ = stop_tx.send(true);
     let counts = workers.await.unwrap_or_default();
     let nemesis_result = nemesis_task.await;
+    let lag_windows = match lag_task {
+        Some(task) => task.await.ok(),
+        None => None,
+    };
     progress.abort();
+    let ran_for = start.elapsed();
     eprintln!(
-        "jepsen: workload done: {} ok, {} fail, {} info",
-        counts.ok, counts.fail, counts.info
+        "jepsen: workload done after {:.1} s: {} ok, {} fail, {} info",
+        ran_for.as_secs_f64(),
+        counts.ok,
+        counts.fail,
+        counts.info
     );
 
     // Heal everything, wait for quiet, then the final reads.
@@ -261,18 +363,70 @@ pub async fn run(options: RunOptions) -> Result<RunSummary, RunError> {
         "heal",
         json!({"note": "all links healed, all nodes resumed and running"}),
     );
-    let quiet = probe.wait_quiet(Duration::from_secs(30)).await;
-    match &quiet {
-        Ok(after) => eprintln!("jepsen: quiet {:.1} s after the heal", after.as_secs_f64()),
-        Err(reason) => eprintln!("jepsen: not quiet 30 s after the heal: {reason}"),
+    let healed = Instant::now();
+
+    // Settle: no request of the workload can take effect from here on (see the module doc).
+    let deadline = options.workload.client_timeout.max(NODE_REQUEST_TIMEOUT);
+    let settled = settled_at(&recorder.history(), deadline, SETTLE_MARGIN);
+    let Settled { barrier, quiet } = settle(
+        start + Duration::from_nanos(settled),
+        &addrs,
+        options.shards,
+        &probe,
+    )
+    .await;
+    if let Err(failed) = &barrier {
+        eprintln!("jepsen: no barrier write acknowledged on shards {failed:?}");
     }
-    recorder.nemesis(
-        OpType::Info,
-        FINAL_PHASE,
-        match &quiet {
-            Ok(after) => json!({"quiet_after_ms": after.as_millis() as u64}),
-            Err(reason) => json!({"not_quiet": reason}),
-        },
+    match &quiet {
+        Ok(_) => eprintln!(
+            "jepsen: settled and quiet {:.1} s after the heal",
+            healed.elapsed().as_secs_f64()
+        ),
+        Err(reason) => eprintln!("jepsen: not quiet 30 s after the settling: {reason}"),
+    }
+    let began = healed.elapsed();
+    let mut info = json!({
+        "after_heal_ms": began.as_millis() as u64,
+        "deadline_ms": deadline.as_millis() as u64,
+        "margin_ms": SETTLE_MARGIN.as_millis() as u64,
+    });
+    match &barrier {
+        Ok(indices) => {
+            info["barrier"] = json!(
+                indices
+                    .iter()
+                    .map(|(s, i)| (s.to_string(), *i))
+                    .collect::<BTreeMap<_, _>>()
+            );
+        }
+        Err(failed) => {
+            info["barrier_failed"] = json!(
+                failed
+                    .iter()
+                    .map(|(s, e)| (s.to_string(), e.clone()))
+                    .collect::<BTreeMap<_, _>>()
+            );
+        }
+    }
+    match &quiet {
+        Ok(after) => info["quiet_after_ms"] = json!(after.as_millis() as u64),
+        Err(reason) => info["not_quiet"] = json!(reason),
+    }
+    recorder.nemesis(OpType::Info, FINAL_PHASE, info);
+    let settle_note = format!(
+        "final phase: began {:.1} s after the heal, once every request's deadline ({} ms) had \
+         passed since its invocation or the heal, plus {} ms, and {}",
+        began.as_secs_f64(),
+        deadline.as_millis(),
+        SETTLE_MARGIN.as_millis(),
+        match &barrier {
+            Ok(_) => "a barrier write committed on every shard".to_string(),
+            Err(failed) => format!(
+                "NO barrier write committed on shards {:?}",
+                failed.keys().collect::<Vec<_>>()
+            ),
+        }
     );
     let keys: BTreeSet<String> = recorder
         .history()
@@ -299,17 +453,60 @@ pub async fn run(options: RunOptions) -> Result<RunSummary, RunError> {
         .ok();
     }
     drop(net);
-    let nemesis_note = match nemesis_result {
+    let mut nemesis_note = match nemesis_result {
         Ok(Ok(n)) => format!("{n} faults injected and undone"),
         Ok(Err(e)) => format!("nemesis failed: {e}"),
         Err(e) => format!("nemesis task failed: {e}"),
     };
+    if let Some(windows) = lag_windows {
+        nemesis_note.push_str(&format!(", {windows} apply-lag windows recorded"));
+    }
+    let mut notes = vec![format!(
+        "workload: {:.1} s{}",
+        ran_for.as_secs_f64(),
+        if extended {
+            " (extended to exercise the planted bug)"
+        } else {
+            ""
+        }
+    )];
+    if lagging {
+        let lag = node_logs::lag_windows(&logs);
+        notes.push(format!(
+            "apply-lag: the nodes held {} windows ({} ms every {} ms): {} leader replicas held, \
+             {} with an apply waiting (a write committed while its leader's apply was held)",
+            lag.windows,
+            options.apply_lag.hold.as_millis(),
+            options.apply_lag.every.as_millis(),
+            lag.held,
+            lag.lagged
+        ));
+    }
+    if let Some(bug) = &options.planted_bug {
+        let fired = node_logs::fired(&logs, bug);
+        let wanted = match exercise {
+            Some((_, wanted)) if fired < wanted => {
+                format!(
+                    " (NOT the {wanted} asked for, within {} s)",
+                    limit.as_secs()
+                )
+            }
+            Some((_, wanted)) => format!(" (at least {wanted} asked for)"),
+            None => String::new(),
+        };
+        notes.push(format!(
+            "planted bug {bug}: exercised {fired} times{wanted} (node logs: \"{}\")",
+            node_logs::FIRED
+        ));
+    }
+    notes.push(settle_note);
+    add_notes_to_run_json(&dir, &notes)?;
 
     let history = recorder.history();
     let (verdict, report) = report(
         &dir,
         &history,
-        &header(&options, &net_line(&dir), &nemesis_note),
+        &header(&options, &net_line(&dir), &nemesis_note, &notes),
     )?;
     Ok(RunSummary {
         dir,
@@ -344,11 +541,66 @@ fn summary_line(options: &RunOptions) -> String {
     )
 }
 
-fn header(options: &RunOptions, net: &str, nemesis_note: &str) -> String {
-    format!(
+fn header(options: &RunOptions, net: &str, nemesis_note: &str, notes: &[String]) -> String {
+    let mut text = format!(
         "kvnode fault test · {}\nnetwork: {net}\nnemesis: {nemesis_note}\n",
         summary_line(options)
+    );
+    for note in notes {
+        let _ = writeln!(text, "{note}");
+    }
+    text
+}
+
+/// What settling the cluster for the final reads found ([`settle`]).
+#[derive(Debug)]
+pub struct Settled {
+    /// Each shard's barrier index, or the shards where no barrier write was acknowledged (with
+    /// the last error).
+    pub barrier: Result<BTreeMap<u64, u64>, BTreeMap<u64, String>>,
+    /// How long the cluster took to be quiet after the barrier, or why it was not.
+    pub quiet: Result<Duration, String>,
+}
+
+/// Settles the cluster at `addrs` for the final reads (see the module doc): waits until
+/// `until`, when no request of the workload can take effect any more ([`settled_at`]), then
+/// writes a barrier on every one of the `shards` ([`workload::barrier`]), then waits until
+/// every replica has applied its leader's commit index ([`Probe::wait_quiet`]). Once it
+/// returns with a barrier on every shard, no earlier write can still take effect anywhere.
+pub async fn settle(
+    until: Instant,
+    addrs: &BTreeMap<u64, SocketAddr>,
+    shards: u32,
+    probe: &Probe,
+) -> Settled {
+    tokio::time::sleep_until(until.into()).await;
+    let barrier = workload::barrier(
+        addrs,
+        shards,
+        Duration::from_secs(2),
+        Duration::from_secs(20),
     )
+    .await;
+    let quiet = probe.wait_quiet(Duration::from_secs(30)).await;
+    Settled { barrier, quiet }
+}
+
+/// When the final phase may start, in nanoseconds on the history's clock (see the module
+/// doc): once no request can still take effect on a node, i.e. the latest of the last
+/// invocation and the last nemesis line (the heal), plus `deadline` and `margin`.
+fn settled_at(history: &History, deadline: Duration, margin: Duration) -> u64 {
+    let last = history
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Op(op) if op.kind == OpType::Invoke => Some(op.t_ns),
+            Event::Nemesis(n) => Some(n.t_ns),
+            Event::Op(_) => None,
+        })
+        .max()
+        .unwrap_or(0);
+    let wait = u64::try_from((deadline + margin).as_nanos()).unwrap_or(u64::MAX);
+    last.saturating_add(wait)
 }
 
 fn write_run_json(
@@ -383,6 +635,14 @@ fn write_run_json(
         "network": net.describe(),
         "kvnode": options.kvnode.display().to_string(),
         "planted_bug": options.planted_bug,
+        "exercise": options.exercise,
+        "apply_lag": options.families.contains(&Family::ApplyLag).then(|| json!({
+            "hold_ms": options.apply_lag.hold.as_millis() as u64,
+            "every_ms": options.apply_lag.every.as_millis() as u64,
+        })),
+        "client_timeout_ms": options.workload.client_timeout.as_millis() as u64,
+        "live_keys": options.workload.live_keys,
+        "set_percent": options.workload.set_percent,
         "heartbeat_ms": options.heartbeat_ms,
         "election_timeout_ms": [options.election_timeout_ms.0, options.election_timeout_ms.1],
         "hibernate_after_ms": options.hibernate_after_ms,
@@ -395,10 +655,31 @@ fn write_run_json(
     )
 }
 
-/// Progress: a line every 10 s with the counts so far, and how many replicas of the nodes
-/// that answer are hibernating at that moment (so a run shows groups sleeping and waking
-/// through the faults).
-async fn progress(recorder: Arc<Recorder>, probe: Probe, duration: Duration) {
+/// Adds the run's notes (what the report says beyond the verdicts: how long the workload ran,
+/// how often the planted bug was exercised, when the final phase began) to `run.json`, so an
+/// offline re-check reports them too.
+fn add_notes_to_run_json(dir: &Path, notes: &[String]) -> Result<(), RunError> {
+    let path = dir.join("run.json");
+    let mut run: serde_json::Value = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_else(|| json!({}));
+    run["notes"] = json!(notes);
+    write(
+        &path,
+        serde_json::to_string_pretty(&run).unwrap_or_default(),
+    )
+}
+
+/// Progress: a line every 10 s with the counts so far, how many replicas of the nodes that
+/// answer are hibernating at that moment (so a run shows groups sleeping and waking through
+/// the faults), and how often the planted bug (logs folder, name) fired so far.
+async fn progress(
+    recorder: Arc<Recorder>,
+    probe: Probe,
+    duration: Duration,
+    planted: Option<(PathBuf, String)>,
+) {
     let started = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -412,8 +693,12 @@ async fn progress(recorder: Arc<Recorder>, probe: Probe, duration: Duration) {
             .values()
             .map(|s| s.shards.iter().filter(|v| v.hibernating).count())
             .sum();
+        let fired = match &planted {
+            Some((logs, bug)) => format!(" · {bug} fired {}", node_logs::fired(logs, bug)),
+            None => String::new(),
+        };
         eprintln!(
-            "jepsen: {:>4.0}/{} s · {} ok, {} fail, {} info · {} faults so far · {asleep}/{hosted} replicas hibernating",
+            "jepsen: {:>4.0}/{} s · {} ok, {} fail, {} info · {} faults so far · {asleep}/{hosted} replicas hibernating{fired}",
             started.elapsed().as_secs_f64(),
             duration.as_secs(),
             t.ok,
@@ -509,6 +794,11 @@ pub fn recheck(dir: &Path) -> Result<(RunVerdict, String), RunError> {
             "network: {}",
             run["network"].as_str().unwrap_or("?")
         );
+        for note in run["notes"].as_array().into_iter().flatten() {
+            if let Some(note) = note.as_str() {
+                let _ = writeln!(header, "{note}");
+            }
+        }
     } else {
         let _ = writeln!(
             header,
@@ -516,4 +806,44 @@ pub fn recheck(dir: &Path) -> Result<(RunVerdict, String), RunError> {
         );
     }
     report(dir, &history, &header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jepsen::history::{F, NemesisEvent, NemesisProc, Op};
+
+    const S: u64 = 1_000_000_000;
+
+    fn nemesis(i: u64, t_ns: u64, f: &str) -> Event {
+        Event::Nemesis(NemesisEvent {
+            i,
+            t_ns,
+            proc: NemesisProc,
+            kind: OpType::Info,
+            f: f.into(),
+            info: json!({}),
+        })
+    }
+
+    #[test]
+    fn the_final_phase_waits_out_every_deadline_from_its_invocation_or_the_heal() {
+        let deadline = Duration::from_millis(1500);
+        let margin = Duration::from_millis(500);
+        let mut done = Op::invoke(1, 2 * S, 0, F::Write, "reg-0");
+        done.kind = OpType::Info;
+        let mut history = History {
+            events: vec![
+                Event::Op(Op::invoke(0, S, 0, F::Write, "reg-0")),
+                // The client gave up: its completion does not end the server's work.
+                Event::Op(done),
+                Event::Op(Op::invoke(2, 2 * S + S / 2, 1, F::Read, "reg-0")),
+            ],
+        };
+        assert_eq!(settled_at(&history, deadline, margin), 4 * S + S / 2);
+        // A request held in a cut link reaches its node when the link heals.
+        history.events.push(nemesis(3, 3 * S, "stop-partition"));
+        history.events.push(nemesis(4, 3 * S + S / 10, "heal"));
+        assert_eq!(settled_at(&history, deadline, margin), 5 * S + S / 10);
+    }
 }

@@ -12,9 +12,9 @@
 //!   triangle on the lane's top edge (the `info` band) at its invocation, with a faint bar along the edge until
 //!   the client gave up (its `info` line) or, with no completion, until the history ends.
 //! - Fault windows: a translucent band over every lane per window, one colour per family
-//!   (partition, kill, pause, clock, other), labelled above the lanes with the family and a
-//!   short form of the targets (`targets`, `nodes` or `grudge` in the nemesis `info`; a grudge
-//!   is shown as the groups it cuts the cluster into, `1 | 2,3`). A window runs from a
+//!   (partition, kill, pause, clock, apply-lag, other), labelled above the lanes with the
+//!   family and a short form of the targets (`targets`, `nodes` or `grudge` in the nemesis
+//!   `info`; a grudge is shown as the groups it cuts the cluster into, `1 | 2,3`). A window runs from a
 //!   `start-X` to the next `stop-X` (or to the end of the history); a fault logged as `invoke`
 //!   then `info` counts once, from the first start line to the last stop line. Nemesis lines
 //!   that are neither a start nor a stop are thin vertical lines.
@@ -151,15 +151,17 @@ enum Family {
     Kill,
     Pause,
     Clock,
+    ApplyLag,
     Other,
 }
 
 impl Family {
-    const ALL: [Family; 5] = [
+    const ALL: [Family; 6] = [
         Family::Partition,
         Family::Kill,
         Family::Pause,
         Family::Clock,
+        Family::ApplyLag,
         Family::Other,
     ];
 
@@ -175,6 +177,8 @@ impl Family {
             Family::Pause
         } else if has(&["clock", "skew", "strobe", "ntp"]) {
             Family::Clock
+        } else if has(&["apply-lag"]) {
+            Family::ApplyLag
         } else {
             Family::Other
         }
@@ -186,6 +190,7 @@ impl Family {
             Family::Kill => "kill",
             Family::Pause => "pause",
             Family::Clock => "clock",
+            Family::ApplyLag => "apply-lag",
             Family::Other => "other",
         }
     }
@@ -196,6 +201,7 @@ impl Family {
             Family::Kill => RGBColor(0x8e, 0x44, 0xad),
             Family::Pause => RGBColor(0x12, 0x83, 0x8f),
             Family::Clock => RGBColor(0xa6, 0x76, 0x1d),
+            Family::ApplyLag => RGBColor(0xc2, 0x18, 0x5b),
             Family::Other => RGBColor(0x6b, 0x6b, 0x6b),
         }
     }

@@ -16,7 +16,18 @@
 //!
 //! Requests go straight to the worker's node with no client-side retry or redirect: that
 //! node serves or forwards, so minority-side and deposed nodes get traffic too. Values are
-//! `"<proc>-<seq>"`, unique per key; versions come from receipts (a write's log index).
+//! `"<proc>-<seq>"`, unique per key; versions come from receipts (a write's log index). Every
+//! request carries its deadline (`client_timeout`, also sent as `grpc-timeout`), so the node
+//! stops working on it when the client stops waiting.
+//!
+//! ## Before the final reads
+//!
+//! An `info` write may still take effect after its client gave up, and final reads that
+//! compare nodes (convergence) must not race it. [`barrier`] writes one key of every shard
+//! through its current leader: once that is acknowledged, every entry any leader proposed
+//! before it has either committed (it is in the log before the barrier) or can never commit
+//! (a later leader's log is the barrier's up to it). The run calls it after every request's
+//! deadline has passed, so no request is proposed after it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -43,6 +54,8 @@ pub const REGISTER_PREFIX: &str = "reg-";
 pub const SET_PREFIX: &str = "set-";
 /// Final reads use processes from here on.
 pub const FINAL_PROC_BASE: u64 = 1_000_000_000;
+/// The prefix of [`barrier`]'s keys (no checker looks at them).
+pub const BARRIER_PREFIX: &str = "barrier-";
 
 /// What the workers do.
 #[derive(Debug, Clone)]
@@ -174,6 +187,8 @@ struct Worker {
     recorder: Arc<Recorder>,
     node: u64,
     client: KvClient<Channel>,
+    /// Every request's deadline.
+    timeout: Duration,
     proc: u64,
     procs: u64,
     seq: u64,
@@ -206,6 +221,7 @@ pub async fn run_workers(
             recorder: recorder.clone(),
             node,
             client: kv_client(nodes[&node], options.client_timeout),
+            timeout: options.client_timeout,
             proc: w as u64,
             procs: workers as u64,
             seq: 0,
@@ -290,10 +306,13 @@ impl Worker {
         let invoked = self.recorder.invoke(op);
         let reply = self
             .client
-            .get(GetRequest {
-                key: key.clone().into_bytes(),
-                options: Some(convert::read_options_to_wire(&options)),
-            })
+            .get(with_deadline(
+                GetRequest {
+                    key: key.clone().into_bytes(),
+                    options: Some(convert::read_options_to_wire(&options)),
+                },
+                self.timeout,
+            ))
             .await;
         let mut done = invoked.clone();
         match reply {
@@ -326,10 +345,13 @@ impl Worker {
         let invoked = self.recorder.invoke(op);
         let reply = self
             .client
-            .put(PutRequest {
-                key: key.clone().into_bytes(),
-                value: value.clone().into_bytes(),
-            })
+            .put(with_deadline(
+                PutRequest {
+                    key: key.clone().into_bytes(),
+                    value: value.clone().into_bytes(),
+                },
+                self.timeout,
+            ))
             .await;
         let mut done = invoked.clone();
         match reply {
@@ -359,11 +381,14 @@ impl Worker {
         let invoked = self.recorder.invoke(op);
         let reply = self
             .client
-            .compare_and_set(CompareAndSetRequest {
-                key: key.clone().into_bytes(),
-                expected: expected.map(String::into_bytes),
-                new_value: Some(new.clone().into_bytes()),
-            })
+            .compare_and_set(with_deadline(
+                CompareAndSetRequest {
+                    key: key.clone().into_bytes(),
+                    expected: expected.map(String::into_bytes),
+                    new_value: Some(new.clone().into_bytes()),
+                },
+                self.timeout,
+            ))
             .await;
         let mut done = invoked.clone();
         match reply {
@@ -395,6 +420,13 @@ impl Worker {
         }
         self.recorder.complete(&invoked, done).kind
     }
+}
+
+/// `message` as a request whose deadline the server sees (`grpc-timeout`).
+fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
 }
 
 /// The wire read options for a history level.
@@ -555,6 +587,65 @@ async fn final_read(
         }
     }
     recorder.complete(&invoked, done).kind == OpType::Ok
+}
+
+/// Writes one key of every shard (`barrier-<shard>-<n>`), each through the nodes in turn until
+/// one write is acknowledged (see the module doc: after it, no entry proposed before can still
+/// take effect), each try within `timeout`, tries for at most `budget` (a shard may be
+/// electing a leader). Returns each shard's barrier index, or the shards that acknowledged
+/// none, with the last error of each.
+pub async fn barrier(
+    nodes: &BTreeMap<u64, SocketAddr>,
+    shards: u32,
+    timeout: Duration,
+    budget: Duration,
+) -> Result<BTreeMap<u64, u64>, BTreeMap<u64, String>> {
+    let give_up = tokio::time::Instant::now() + budget;
+    let ring =
+        HashRing::with_shards(shards.max(1)).map_err(|e| BTreeMap::from([(0, e.to_string())]))?;
+    let clients: Vec<KvClient<Channel>> = nodes
+        .values()
+        .map(|addr| kv_client(*addr, timeout))
+        .collect();
+    let writes = (0..u64::from(ring.shard_count())).map(|shard| {
+        let key = (0..)
+            .map(|n| format!("{BARRIER_PREFIX}{shard}-{n}"))
+            .find(|k| ring.shard_for(k.as_bytes()) == shard)
+            .expect("some name hashes to every shard");
+        let clients = clients.clone();
+        async move {
+            let mut last = String::from("not tried");
+            for attempt in 0.. {
+                if tokio::time::Instant::now() >= give_up {
+                    break;
+                }
+                let mut client =
+                    clients[(shard as usize + attempt as usize) % clients.len()].clone();
+                let put = PutRequest {
+                    key: key.clone().into_bytes(),
+                    value: b"barrier".to_vec(),
+                };
+                match client.put(with_deadline(put, timeout)).await {
+                    Ok(reply) => match reply.into_inner().receipt {
+                        Some(receipt) => return Ok((shard, receipt.index)),
+                        None => last = "no receipt".into(),
+                    },
+                    Err(status) => last = describe(&status, true),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err((shard, last))
+        }
+    });
+    let (written, failed): (Vec<_>, Vec<_>) = futures::future::join_all(writes)
+        .await
+        .into_iter()
+        .partition(Result::is_ok);
+    if failed.is_empty() {
+        Ok(written.into_iter().flatten().collect())
+    } else {
+        Err(failed.into_iter().filter_map(Result::err).collect())
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 use kvnode::jepsen::Level;
-use kvnode::jepsen::nemesis::{Family, Shape};
+use kvnode::jepsen::nemesis::{ApplyLag, Family, Shape};
 use kvnode::jepsen::net::{NETNS_ENV, NetKind, in_private_netns, netns_available};
 use kvnode::jepsen::run::{RunOptions, recheck, run};
 use kvnode::jepsen::workload::WorkloadOptions;
@@ -24,7 +24,7 @@ use super::parse_duration;
 #[derive(Debug, Subcommand)]
 pub enum JepsenCommand {
     /// Start a cluster, run workers under a seeded nemesis, heal, check, and report.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Re-check a saved run folder offline (rewrites its report and timeline).
     Check {
         /// The run folder (holding history.jsonl).
@@ -55,9 +55,14 @@ pub struct RunArgs {
     /// How long the workload and the faults run (the heal and final reads come after).
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     time: Duration,
-    /// Fault families, comma-separated: partition, kill, pause.
+    /// Fault families, comma-separated: partition, kill, pause, and apply-lag (shard leaders'
+    /// applies lag their commits, see --apply-lag; test builds of kvnode only).
     #[arg(long, value_delimiter = ',', default_value = "partition,kill,pause")]
     nemesis: Vec<Family>,
+    /// With --nemesis apply-lag: HOLD/EVERY, each node holds the applies of the shards it
+    /// leads for HOLD in windows starting every EVERY on the wall clock.
+    #[arg(long, default_value = "800ms/3s")]
+    apply_lag: ApplyLag,
     /// Partition shapes to pick from, comma-separated (default: all): one, majority,
     /// majorities-ring, bridge, primaries, oneway.
     #[arg(long, value_delimiter = ',')]
@@ -82,6 +87,16 @@ pub struct RunArgs {
     /// Client workers per node.
     #[arg(long, default_value_t = 2)]
     workers_per_node: usize,
+    /// Each worker request's deadline (a write past it is `info`).
+    #[arg(long, default_value = "1500ms", value_parser = parse_duration)]
+    client_timeout: Duration,
+    /// Register keys in use at any time (few make keys hot: more operations per key meet).
+    #[arg(long, default_value_t = WorkloadOptions::default().live_keys)]
+    live_keys: usize,
+    /// Percent of operations that are set adds (the rest are register operations).
+    #[arg(long, default_value_t = WorkloadOptions::default().set_percent,
+          value_parser = clap::value_parser!(u64).range(0..=100))]
+    set_percent: u64,
     /// How links are cut.
     #[arg(long, value_enum, default_value_t = NetChoice::Auto)]
     net: NetChoice,
@@ -95,9 +110,14 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 17400)]
     base_port: u16,
     /// Switch on a planted bug in the nodes (only builds with the `planted-bugs` feature
-    /// have them): follower-local-read, leader-no-confirm, ack-uncommitted.
+    /// have them): follower-local-read, leader-no-confirm, ack-uncommitted,
+    /// read-index-applied.
     #[arg(long)]
     planted_bug: Option<String>,
+    /// With --planted-bug: run past --time (up to three times it) until the nodes' logs show
+    /// the bug exercised N times (0: stop after --time).
+    #[arg(long, default_value_t = 0)]
+    exercise: u64,
 }
 
 /// Runs a `kvctl jepsen` command.
@@ -119,7 +139,7 @@ pub fn main(command: JepsenCommand) -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        JepsenCommand::Run(args) => run_command(args),
+        JepsenCommand::Run(args) => run_command(*args),
     }
 }
 
@@ -169,6 +189,9 @@ fn run_command(args: RunArgs) -> ExitCode {
         workload: WorkloadOptions {
             workers_per_node: args.workers_per_node,
             levels: args.levels.clone(),
+            client_timeout: args.client_timeout,
+            live_keys: args.live_keys,
+            set_percent: args.set_percent,
             ..WorkloadOptions::default()
         },
         net,
@@ -176,6 +199,8 @@ fn run_command(args: RunArgs) -> ExitCode {
         out: args.out.clone(),
         base_port: args.base_port,
         planted_bug: args.planted_bug.clone(),
+        exercise: args.exercise,
+        apply_lag: args.apply_lag,
         hibernate_after_ms: args.hibernate_after_ms,
         ..RunOptions::default()
     };
