@@ -144,3 +144,131 @@ async fn malformed_requests_get_clear_definite_errors_and_lose_nothing() {
     stop.send(()).unwrap();
     server.await.unwrap();
 }
+
+/// A message whose field 1 is a number where `PutRequest` has bytes: not a valid `PutRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotAPut {
+    #[prost(uint64, tag = "1")]
+    key: u64,
+}
+
+fn outcome_of(status: &tonic::Status) -> Option<&str> {
+    status.metadata().get(OUTCOME).and_then(|v| v.to_str().ok())
+}
+
+/// Statuses tonic makes around kvnode's handlers (a request it cannot decode, an unknown
+/// method, an oversized message, the client's deadline) carry the outcome too: definite where
+/// nothing was done, indeterminate for a write cut off by its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_made_by_the_grpc_layer_say_their_outcome_too() {
+    let (_dir, addr, stop, server) = serve_one().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    let mut call = async |path: &'static str| {
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<NotAPut, kvnode::pb::kv::PutResponse>::default();
+        grpc.unary(
+            tonic::Request::new(NotAPut { key: 7 }),
+            http::uri::PathAndQuery::from_static(path),
+            codec,
+        )
+        .await
+        .expect_err(path)
+    };
+    let malformed = call("/kvnode.v1.Kv/Put").await;
+    assert_eq!(malformed.code(), Code::Internal, "{malformed:?}");
+    assert_eq!(outcome_of(&malformed), Some("definite"), "{malformed:?}");
+    let unknown = call("/kvnode.v1.Kv/Nonsense").await;
+    assert_eq!(unknown.code(), Code::Unimplemented, "{unknown:?}");
+    assert_eq!(outcome_of(&unknown), Some("definite"), "{unknown:?}");
+
+    let mut kv = KvClient::new(channel).max_encoding_message_size(usize::MAX);
+    let oversized = kv
+        .put(PutRequest {
+            key: b"big".to_vec(),
+            value: vec![0; kvnode::pb::MAX_MESSAGE_BYTES + 1],
+        })
+        .await
+        .expect_err("a message over the limit");
+    assert_eq!(outcome_of(&oversized), Some("definite"), "{oversized:?}");
+
+    // A deadline too short for any write: the node answers it, not tonic's bare CANCELLED.
+    let (status, outcome) = put_with_server_deadline(&addr, b"late", "1n").await;
+    assert_eq!(
+        status,
+        Some(Code::DeadlineExceeded as i32),
+        "no write fits in 1 ns"
+    );
+    assert_eq!(outcome.as_deref(), Some("indeterminate"));
+    let (status, outcome) = put_with_server_deadline(&addr, b"timely", "10S").await;
+    assert_eq!(
+        (status, outcome),
+        (Some(0), None),
+        "a write within its deadline"
+    );
+
+    // Nothing was lost, and the node still serves.
+    let got = kv
+        .get(get(b"big", ReadLevel::Linearizable as i32, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.value, None, "the oversized write stored nothing");
+    stop.send(()).unwrap();
+    server.await.unwrap();
+}
+
+/// Sends `Put(key, "x")` with `grpc-timeout: timeout` over a bare HTTP/2 connection, so that
+/// only the server enforces the deadline (tonic's client would give up itself first), and
+/// returns the answer's `grpc-status` and `x-kvnode-outcome` (from the headers of a
+/// trailers-only answer, else from the trailers).
+async fn put_with_server_deadline(
+    addr: &str,
+    key: &[u8],
+    timeout: &str,
+) -> (Option<i32>, Option<String>) {
+    use prost::Message as _;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{addr}/kvnode.v1.Kv/Put"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    let message = PutRequest {
+        key: key.to_vec(),
+        value: b"x".to_vec(),
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    body.send_data(bytes::Bytes::from(frame), true).unwrap();
+    let response = response.await.unwrap();
+    let header = |map: &http::HeaderMap, name: &str| {
+        map.get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let mut status = header(response.headers(), "grpc-status");
+    let mut outcome = header(response.headers(), OUTCOME);
+    if status.is_none() {
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let trailers = body.trailers().await.unwrap().unwrap_or_default();
+        status = header(&trailers, "grpc-status");
+        outcome = header(&trailers, OUTCOME);
+    }
+    (status.and_then(|s| s.parse().ok()), outcome)
+}

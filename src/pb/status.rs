@@ -50,6 +50,29 @@ pub const SHARD: &str = "x-kvnode-shard";
 /// Request metadata set by a node forwarding a client request, so it is not forwarded again.
 pub const FORWARDED: &str = "x-kvnode-forwarded";
 
+/// A `grpc-timeout` value, if well-formed: at most 8 digits and a unit (`H`, `M`, `S`, `m`,
+/// `u`, `n`), as gRPC over HTTP/2 specifies.
+pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if !value.is_ascii() {
+        return None;
+    }
+    // ASCII, so any split is on a char boundary.
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Turns `error` into a status. `leader_addr` resolves a leader id to its address.
 pub fn to_status(error: &Error, leader_addr: impl Fn(u64) -> Option<String>) -> Status {
     let (code, kind) = match error {

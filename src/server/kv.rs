@@ -5,7 +5,8 @@
 //! # Forwarding keeps the wire contract
 //!
 //! Every error a client gets from a node carries `x-kvnode-outcome` (`proto/kv.proto`), the
-//! answer to a forwarded request included:
+//! answer to a forwarded request included (and the statuses tonic makes around the handlers:
+//! decode errors, unknown methods, the client's deadline; see `server::outcome`):
 //!
 //! - the target's own answer (a status with the outcome) is relayed unchanged, except that a
 //!   `NotLeader` is followed to the leader it names;
@@ -44,7 +45,9 @@ use crate::pb::kv::{
     CompareAndSetRequest, CompareAndSetResponse, DeleteRequest, DeleteResponse, GetRequest,
     GetResponse, NodeInfo, PutRequest, PutResponse, ShardStatus, StatusRequest, StatusResponse,
 };
-use crate::pb::status::{FORWARDED, forward_failure, from_status, is_kvnode_status, to_status};
+use crate::pb::status::{
+    FORWARDED, forward_failure, from_status, is_kvnode_status, parse_grpc_timeout, to_status,
+};
 
 /// How many times one node forwards one request before giving up with the last error.
 pub const MAX_HOPS: usize = 2;
@@ -190,25 +193,10 @@ impl KvService {
     }
 }
 
-/// The client's deadline for this request (its `grpc-timeout`), if it gave a well-formed one:
-/// at most 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`), as gRPC over HTTP/2 specifies.
+/// The client's deadline for this request (its `grpc-timeout`), if it gave a well-formed one
+/// (see [`parse_grpc_timeout`]).
 fn client_timeout(metadata: &MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    // `to_str` succeeded, so the value is ASCII and any split is on a char boundary.
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
 }
 
 #[tonic::async_trait]

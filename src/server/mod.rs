@@ -2,6 +2,7 @@
 //! errors mapped by [`crate::pb::status`]. Services are thin: decode, call the node, encode.
 
 pub mod kv;
+mod outcome;
 #[doc(hidden)]
 pub mod raft;
 
@@ -23,6 +24,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
+        .layer(outcome::OutcomeLayer)
         .add_service(kv::kv_service(node.clone()))
         .add_service(raft::raft_service(node.clone()))
         .serve_with_incoming_shutdown(incoming, shutdown)
