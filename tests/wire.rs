@@ -17,6 +17,7 @@ async fn serve_one() -> (
     String,
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
+    Arc<Node>,
 ) {
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
@@ -29,6 +30,7 @@ async fn serve_one() -> (
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = node.clone();
     let server = tokio::spawn(async move {
         kvnode::server::serve(node.clone(), listener, async {
             let _ = stopped.await;
@@ -39,7 +41,7 @@ async fn serve_one() -> (
             node.close().await;
         }
     });
-    (dir, addr, stop, server)
+    (dir, addr, stop, server, served)
 }
 
 fn get(key: &[u8], level: i32, max_staleness_ms: u64) -> GetRequest {
@@ -55,7 +57,7 @@ fn get(key: &[u8], level: i32, max_staleness_ms: u64) -> GetRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_clear_definite_errors_and_lose_nothing() {
-    let (_dir, addr, stop, server) = serve_one().await;
+    let (_dir, addr, stop, server, _) = serve_one().await;
     let mut kv = KvClient::connect(format!("http://{addr}")).await.unwrap();
     kv.put(PutRequest {
         key: b"keep".to_vec(),
@@ -161,7 +163,7 @@ fn outcome_of(status: &tonic::Status) -> Option<&str> {
 /// nothing was done, indeterminate for a write cut off by its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_made_by_the_grpc_layer_say_their_outcome_too() {
-    let (_dir, addr, stop, server) = serve_one().await;
+    let (_dir, addr, stop, server, node) = serve_one().await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -196,12 +198,19 @@ async fn errors_made_by_the_grpc_layer_say_their_outcome_too() {
         .expect_err("a message over the limit");
     assert_eq!(outcome_of(&oversized), Some("definite"), "{oversized:?}");
 
-    // A deadline too short for any write: the node answers it, not tonic's bare CANCELLED.
-    let (status, outcome) = put_with_server_deadline(&addr, b"late", "1n").await;
+    // A write whose deadline passes while it waits for its apply (held by the test hook): the
+    // node answers it, not tonic's bare CANCELLED, and says it may still take effect.
+    let stall = node
+        .local_shard(node.shard_for(b"late"))
+        .expect("a single node holds every shard")
+        .apply_stall();
+    stall.hold(kvnode::raft::apply_stall::Stage::BeforeWrite);
+    let (status, outcome) = put_with_server_deadline(&addr, b"late", "300m").await;
+    stall.release();
     assert_eq!(
         status,
         Some(Code::DeadlineExceeded as i32),
-        "no write fits in 1 ns"
+        "the write was held"
     );
     assert_eq!(outcome.as_deref(), Some("indeterminate"));
     let (status, outcome) = put_with_server_deadline(&addr, b"timely", "10S").await;
@@ -210,6 +219,14 @@ async fn errors_made_by_the_grpc_layer_say_their_outcome_too() {
         (Some(0), None),
         "a write within its deadline"
     );
+    // Indeterminate it was: the held write committed, and applies once released.
+    let late = kv
+        .get(get(b"late", ReadLevel::Linearizable as i32, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(late.value.map(|v| v.value), Some(b"x".to_vec()));
+    drop(node);
 
     // Nothing was lost, and the node still serves.
     let got = kv
