@@ -124,11 +124,12 @@
 //!
 //! ## Evidence: the fault tests
 //!
-//! The guarantees above are checked, not assumed: [`jepsen`] runs real processes under
+//! The guarantees above are checked, not assumed: `kvnode-jepsen` (`crates/kvnode-jepsen`,
+//! behind `kvctl jepsen`) runs real processes under
 //! partitions, kill -9 and SIGSTOP and checks the recorded history per level (linearizability
 //! for `lin`, `fri` and `lease`, the Δ bound for bounded reads, validity and convergence for
 //! eventual reads, session guarantees, no lost acknowledged writes). Test builds carry planted
-//! bugs (`planted`, the `planted-bugs` feature): `tests/jepsen_planted.rs` shows the Jepsen
+//! bugs (`planted`, the `planted-bugs` feature): `crates/kvnode-cli/tests/jepsen_planted.rs` shows the Jepsen
 //! checkers catch the first three, and the cluster test above catches `confirm-any-vote`;
 //! `.ci/run` runs a smoke campaign on every change.
 //!
@@ -161,11 +162,19 @@
 //! | [`pb`] | generated gRPC code, the wire ↔ domain conversions, the error ↔ status mapping ([`pb::status`]), the message limit |
 //! | [`server`] | tonic services: client API with forwarding ([`server::kv`]), peer transport ([`server::raft`]) |
 //! | [`client`] | the Rust client: shard- and leader-aware, retries only what is safe |
-//! | [`jepsen`] | fault testing anyone can run (`kvctl jepsen run`): real `kvnode` processes, partitions (iptables in a private netns, or a TCP proxy), a seeded kill/pause/partition nemesis, workers recording a history at every read level, the checkers (per-key linearizability, per-level checks, lost writes), the report and timeline |
-//! | [`loadgen`] | the load generator behind `kvctl bench` and `scripts/bench.sh`: one closed-loop workload (load phase, warmup, measurement; HDR-histogram latencies, errors apart) against kvnode ([`loadgen::kvnode`]) or etcd over its own gRPC API ([`loadgen::etcd`], `proto/etcd.proto`), JSON results, and the side-by-side report with kvnode/etcd ratios, `bench.md` and `bench.svg` ([`loadgen::report`]) |
 //! | `planted` (hidden; `planted-bugs` feature, test builds only) | the `KVNODE_PLANTED_BUG` switch that makes [`shard`] commit a known consistency bug, so the Jepsen checkers can be shown to catch it |
-//! | `testing` (hidden) | an in-process cluster over real sockets with test partitions |
-//! | `bin/kvnode`, `bin/kvctl` | flags → [`Config`] → [`Node`] → serve; the CLI over [`client::Client`] |
+//!
+//! ## The workspace around the library
+//!
+//! This crate is the library and nothing else; the tools are other members of the workspace
+//! (`crates/`), so an application that depends on `kvnode` compiles none of them:
+//!
+//! | package | owns |
+//! |---|---|
+//! | `kvnode-cli` | the binaries: `kvnode` (flags → [`Config`] → [`Node`] → serve), `kvctl` (the CLI over [`client::Client`], plus `kvctl jepsen` and `kvctl bench`), the test-only `kvnode-planted`; and the end-to-end tests that run them as processes |
+//! | `kvnode-jepsen` | fault testing anyone can run (`kvctl jepsen run`): real `kvnode` processes, partitions (iptables in a private netns, or a TCP proxy), a seeded kill/pause/partition nemesis, workers recording a history at every read level, the checkers (per-key linearizability, per-level checks, lost writes), the report and timeline |
+//! | `kvnode-loadgen` | the load generator behind `kvctl bench` and `scripts/bench.sh`: one closed-loop workload against kvnode or etcd (over etcd's own gRPC API, its `proto/etcd.proto`), HDR-histogram latencies, JSON results, the side-by-side report |
+//! | `kvnode-testkit` | test support (a dev-dependency): an in-process cluster over real sockets with test partitions, `eventually`, the one seeded `Rng` |
 
 #![deny(missing_docs)]
 
@@ -185,11 +194,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod hibernation;
 #[doc(hidden)]
-pub mod jepsen;
-#[doc(hidden)]
 pub mod leadership;
-#[doc(hidden)]
-pub mod loadgen;
 pub mod node;
 pub mod pb;
 #[doc(hidden)]
@@ -210,8 +215,6 @@ pub mod shard;
 pub mod sharding;
 #[doc(hidden)]
 pub mod storage;
-#[doc(hidden)]
-pub mod testing;
 pub mod value;
 
 pub use config::Config;

@@ -23,7 +23,7 @@ use tokio::time::sleep;
 
 use kvnode::consistency::{Fallback, ServedLevel, Staleness};
 use kvnode::raft::apply_stall::Stage;
-use kvnode::testing::LocalCluster;
+use kvnode_testkit::LocalCluster;
 use kvnode::{Config, Error, GetReply, Node, ReadLevel, ReadOptions, SessionToken, WriteReceipt};
 
 const CLUSTER: &str = "consistency-test";
@@ -41,7 +41,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    kvnode::testing::eventually(Duration::from_secs(secs), what, check).await
+    kvnode_testkit::eventually(Duration::from_secs(secs), what, check).await
 }
 
 /// Three nodes, ids 1..=3, each on its own 127.0.0.1 port (the shared in-process harness).

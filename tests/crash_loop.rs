@@ -32,7 +32,7 @@ use kvnode::raft::{
 };
 use kvnode::storage::codec::decode_serde;
 use kvnode::storage::{Store, StoreOptions};
-use kvnode::testing::Rng;
+use kvnode_testkit::Rng;
 use openraft::type_config::TypeConfigExt as _;
 
 /// Shards the child writes (ids `0..SHARDS`).

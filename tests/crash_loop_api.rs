@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvnode::testing::Rng;
+use kvnode_testkit::Rng;
 use kvnode::{Config, Node, ReadOptions, VersionedValue};
 
 /// Shards of the node.

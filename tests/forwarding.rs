@@ -36,7 +36,7 @@ use kvnode::pb::raft::{
     ConfirmReply, ConfirmRequest, PingReply, PingRequest, RaftReply, RaftRequest, SnapshotChunk,
 };
 use kvnode::pb::status::OUTCOME;
-use kvnode::testing::eventually;
+use kvnode_testkit::eventually;
 use kvnode::{Config, Node};
 
 /// Generous bound for waiting on a condition (never a pass/fail timing).

@@ -24,7 +24,7 @@ use kvnode::raft::network::ShardNetwork;
 use kvnode::raft::{SnapshotMeta, TypeConfig, Vote};
 use kvnode::storage::SnapshotWriter;
 use kvnode::storage::codec::encode_serde;
-use kvnode::testing::LocalCluster;
+use kvnode_testkit::LocalCluster;
 use kvnode::{Config, Error, Node, ReadOptions};
 
 const SHARDS: u64 = 4;
@@ -36,7 +36,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    kvnode::testing::eventually(Duration::from_secs(secs), what, check).await
+    kvnode_testkit::eventually(Duration::from_secs(secs), what, check).await
 }
 
 /// Three nodes (ids 1..=3) on fixed local ports, from the shared in-process harness.
