@@ -23,8 +23,8 @@ use tokio::time::sleep;
 
 use kvnode::consistency::{Fallback, ServedLevel, Staleness};
 use kvnode::raft::apply_stall::Stage;
-use kvnode_testkit::LocalCluster;
 use kvnode::{Config, Error, GetReply, Node, ReadLevel, ReadOptions, SessionToken, WriteReceipt};
+use kvnode_testkit::LocalCluster;
 
 const CLUSTER: &str = "consistency-test";
 /// One shard: every key lives in shard 0, replicated on all three nodes.

@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvnode_testkit::Rng;
 use kvnode::{Config, Node, ReadOptions, VersionedValue};
+use kvnode_testkit::Rng;
 
 /// Shards of the node.
 const SHARDS: u32 = 8;

@@ -36,8 +36,8 @@ use kvnode::pb::raft::{
     ConfirmReply, ConfirmRequest, PingReply, PingRequest, RaftReply, RaftRequest, SnapshotChunk,
 };
 use kvnode::pb::status::OUTCOME;
-use kvnode_testkit::eventually;
 use kvnode::{Config, Node};
+use kvnode_testkit::eventually;
 
 /// Generous bound for waiting on a condition (never a pass/fail timing).
 const PATIENCE: Duration = Duration::from_secs(20);

@@ -24,8 +24,8 @@ use kvnode::raft::network::ShardNetwork;
 use kvnode::raft::{SnapshotMeta, TypeConfig, Vote};
 use kvnode::storage::SnapshotWriter;
 use kvnode::storage::codec::encode_serde;
-use kvnode_testkit::LocalCluster;
 use kvnode::{Config, Error, Node, ReadOptions};
+use kvnode_testkit::LocalCluster;
 
 const SHARDS: u64 = 4;
 const CLUSTER: &str = "transport-test";

@@ -17,8 +17,8 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use futures::future::join_all;
 use kvnode::client::{Client, ClientOptions, ClusterStatus};
 use kvnode::consistency::{Fallback, ReadLevel, ReadOptions, SessionToken, Staleness};
-use kvnode_loadgen::parse_duration;
 use kvnode::{ReadReceipt, VersionedValue, WriteReceipt};
+use kvnode_loadgen::parse_duration;
 
 /// Command-line client for a kvnode cluster.
 ///
