@@ -17,11 +17,7 @@
 //! `KVNODE_CRASH_SEED=<seed> cargo test --test crash_loop -- --nocapture`.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvnode::raft::openraft_types::{
@@ -33,6 +29,7 @@ use kvnode::raft::{
 use kvnode::storage::codec::decode_serde;
 use kvnode::storage::{Store, StoreOptions};
 use kvnode_testkit::Rng;
+use kvnode_testkit::crash_loop::{self, ChildReports, ChildRound};
 use openraft::type_config::TypeConfigExt as _;
 
 /// Shards the child writes (ids `0..SHARDS`).
@@ -102,13 +99,9 @@ fn index_of(id: Option<&LogId>) -> u64 {
 // Child
 // ---------------------------------------------------------------------------------------------
 
-/// Writes one report line and flushes it, so a line the child got past is the parent's to read
-/// even if the child is killed right after.
+/// Writes one report line (see `kvnode_testkit::crash_loop::report`).
 fn report(line: std::fmt::Arguments<'_>) {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{MARK} {line}")
-        .and_then(|()| out.flush())
-        .expect("child: stdout closed");
+    crash_loop::report(MARK, line);
 }
 
 #[test]
@@ -345,36 +338,18 @@ impl RoundLog {
     }
 }
 
-/// Reads the child's stdout until it closes, recording reports into `log`.
-fn read_reports(stdout: impl Read + Send + 'static, log: Arc<Mutex<RoundLog>>) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) => break,
-                // A line cut short by the kill carries no complete report.
-                Ok(_) if !line.ends_with('\n') => break,
-                Ok(_) => log.lock().unwrap().record(line.trim_end()),
-                Err(e) => {
-                    log.lock()
-                        .unwrap()
-                        .problems
-                        .push(format!("reading the child's stdout: {e}"));
-                    break;
-                }
-            }
-        }
-    })
-}
+impl ChildReports for RoundLog {
+    fn record(&mut self, line: &str) {
+        RoundLog::record(self, line);
+    }
 
-fn read_all(mut stream: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = stream.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
+    fn problem(&mut self, problem: String) {
+        self.problems.push(problem);
+    }
+
+    fn acknowledged(&self) -> bool {
+        self.acked_entries > 0
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -615,57 +590,14 @@ async fn check_shard(store: &Store, shard: u64, model: &ShardModel) -> Result<Sh
 // Parent: the loop
 // ---------------------------------------------------------------------------------------------
 
-fn master_seed() -> u64 {
-    let Ok(text) = std::env::var(SEED_ENV) else {
-        return DEFAULT_SEED;
-    };
-    let text = text.trim();
-    let parsed = match text.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => text.parse(),
-    };
-    parsed.unwrap_or_else(|e| panic!("{SEED_ENV}={text:?} is not a u64: {e}"))
-}
-
-fn spawn_child(exe: &Path, data: &Path, seed: u64) -> Child {
-    Process::new(exe)
-        .args([
-            "child_writer",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DIR_ENV, data)
-        .env(CHILD_SEED_ENV, seed.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning the child {}: {e}", exe.display()))
-}
-
-/// Kills the child if it is still running (used on the failure paths).
-struct KillOnDrop(Option<Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[test]
 fn crash_loop_loses_no_acknowledged_entry() {
     let started = Instant::now();
-    let seed = master_seed();
+    let seed = crash_loop::master_seed(SEED_ENV, DEFAULT_SEED);
     println!("crash loop: master seed {seed} (replay with {SEED_ENV}={seed})");
     let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let exe = std::env::current_exe().expect("current_exe");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -688,45 +620,20 @@ fn crash_loop_loses_no_acknowledged_entry() {
         let child_seed = rng.next_u64();
         let kill_after = Duration::from_millis(rng.range(KILL_AFTER_MS.0, KILL_AFTER_MS.1));
 
-        let mut child = KillOnDrop(Some(spawn_child(&exe, &data, child_seed)));
-        let process = child.0.as_mut().expect("just spawned");
-        let reports = Arc::new(Mutex::new(RoundLog::new()));
-        let stdout_reader = read_reports(process.stdout.take().expect("piped"), reports.clone());
-        let stderr_reader = read_all(process.stderr.take().expect("piped"));
-
-        // Let every round write something before its kill.
-        let deadline = Instant::now() + FIRST_ACK_TIMEOUT;
-        let early_exit = loop {
-            if reports.lock().unwrap().acked_entries > 0 {
-                break None;
-            }
-            if let Some(status) = process.try_wait().expect("try_wait") {
-                break Some(format!(
-                    "the child exited with {status} before acknowledging anything"
-                ));
-            }
-            if Instant::now() > deadline {
-                break Some(format!(
-                    "the child acknowledged nothing within {FIRST_ACK_TIMEOUT:?}"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        if early_exit.is_none() {
-            std::thread::sleep(kill_after);
-        }
-        let early_exit = early_exit.or_else(|| {
-            process
-                .try_wait()
-                .expect("try_wait")
-                .map(|status| format!("the child exited with {status} before it was killed"))
-        });
-        let mut process = child.0.take().expect("still ours");
-        process.kill().expect("SIGKILL the child");
-        process.wait().expect("reap the child");
-        stdout_reader.join().expect("stdout reader");
-        let stderr = stderr_reader.join().expect("stderr reader");
-        let reports = std::mem::take(&mut *reports.lock().unwrap());
+        let ChildRound {
+            reports,
+            stderr,
+            early_exit,
+        } = crash_loop::run_child(
+            "child_writer",
+            &[
+                (CHILD_DIR_ENV, data.clone().into_os_string()),
+                (CHILD_SEED_ENV, child_seed.to_string().into()),
+            ],
+            RoundLog::new(),
+            kill_after,
+            FIRST_ACK_TIMEOUT,
+        );
         if let Some(why) = early_exit {
             fail(format!(
                 "{why}\n--- child stdout (last lines) ---\n{}\n--- child stderr ---\n{stderr}",

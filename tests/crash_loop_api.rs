@@ -21,15 +21,13 @@
 //! `KVNODE_CRASH_SEED=<seed> cargo test --test crash_loop_api -- --nocapture`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvnode::{Config, Node, ReadOptions, VersionedValue};
 use kvnode_testkit::Rng;
+use kvnode_testkit::crash_loop::{self, ChildReports, ChildRound};
 
 /// Shards of the node.
 const SHARDS: u32 = 8;
@@ -119,13 +117,9 @@ fn show_versioned(value: Option<&VersionedValue>) -> String {
 // Child
 // ---------------------------------------------------------------------------------------------
 
-/// Writes one report line and flushes it, so a line the child got past is the parent's to read
-/// even if the child is killed right after.
+/// Writes one report line (see `kvnode_testkit::crash_loop::report`).
 fn report(line: std::fmt::Arguments<'_>) {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{MARK} {line}")
-        .and_then(|()| out.flush())
-        .expect("child: stdout closed");
+    crash_loop::report(MARK, line);
 }
 
 #[test]
@@ -446,35 +440,18 @@ impl RoundLog {
     }
 }
 
-fn read_reports(stdout: impl Read + Send + 'static, log: Arc<Mutex<RoundLog>>) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) => break,
-                // A line cut short by the kill carries no complete report.
-                Ok(_) if !line.ends_with('\n') => break,
-                Ok(_) => log.lock().unwrap().record(line.trim_end()),
-                Err(e) => {
-                    log.lock()
-                        .unwrap()
-                        .problems
-                        .push(format!("reading the child's stdout: {e}"));
-                    break;
-                }
-            }
-        }
-    })
-}
+impl ChildReports for RoundLog {
+    fn record(&mut self, line: &str) {
+        RoundLog::record(self, line);
+    }
 
-fn read_all(mut stream: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = stream.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
+    fn problem(&mut self, problem: String) {
+        self.problems.push(problem);
+    }
+
+    fn acknowledged(&self) -> bool {
+        self.acked_writes > 0
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -678,18 +655,6 @@ async fn check_node(
 // Parent: the loop
 // ---------------------------------------------------------------------------------------------
 
-fn master_seed() -> u64 {
-    let Ok(text) = std::env::var(SEED_ENV) else {
-        return DEFAULT_SEED;
-    };
-    let text = text.trim();
-    let parsed = match text.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => text.parse(),
-    };
-    parsed.unwrap_or_else(|e| panic!("{SEED_ENV}={text:?} is not a u64: {e}"))
-}
-
 /// How many shard directories under `data/snapshots` hold a snapshot file (evidence for the
 /// summary that snapshots happened; the layout is not part of the API, so nothing asserts it).
 fn snapshot_files(data: &Path) -> usize {
@@ -717,46 +682,14 @@ fn counter_floor(models: &BTreeMap<String, KeyModel>) -> u64 {
         .unwrap_or(0)
 }
 
-fn spawn_child(exe: &Path, data: &Path, seed: u64, floor: u64) -> Child {
-    Process::new(exe)
-        .args([
-            "api_child_writer",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DIR_ENV, data)
-        .env(CHILD_SEED_ENV, seed.to_string())
-        .env(CHILD_FLOOR_ENV, floor.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning the child {}: {e}", exe.display()))
-}
-
-/// Kills the child if it is still running (used on the failure paths).
-struct KillOnDrop(Option<Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[test]
 fn api_crash_loop_loses_no_acknowledged_write() {
     let started = Instant::now();
-    let seed = master_seed();
+    let seed = crash_loop::master_seed(SEED_ENV, DEFAULT_SEED);
     println!("api crash loop: master seed {seed} (replay with {SEED_ENV}={seed})");
     let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let exe = std::env::current_exe().expect("current_exe");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -784,45 +717,21 @@ fn api_crash_loop_loses_no_acknowledged_write() {
         let floor = counter_floor(&models);
 
         // The parent's node of the previous round is closed: the child has the directory.
-        let mut child = KillOnDrop(Some(spawn_child(&exe, &data, child_seed, floor)));
-        let process = child.0.as_mut().expect("just spawned");
-        let reports = Arc::new(Mutex::new(RoundLog::new()));
-        let stdout_reader = read_reports(process.stdout.take().expect("piped"), reports.clone());
-        let stderr_reader = read_all(process.stderr.take().expect("piped"));
-
-        // Let every round write something before its kill.
-        let deadline = Instant::now() + FIRST_ACK_TIMEOUT;
-        let early_exit = loop {
-            if reports.lock().unwrap().acked_writes > 0 {
-                break None;
-            }
-            if let Some(status) = process.try_wait().expect("try_wait") {
-                break Some(format!(
-                    "the child exited with {status} before acknowledging anything"
-                ));
-            }
-            if Instant::now() > deadline {
-                break Some(format!(
-                    "the child acknowledged nothing within {FIRST_ACK_TIMEOUT:?}"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        if early_exit.is_none() {
-            std::thread::sleep(kill_after);
-        }
-        let early_exit = early_exit.or_else(|| {
-            process
-                .try_wait()
-                .expect("try_wait")
-                .map(|status| format!("the child exited with {status} before it was killed"))
-        });
-        let mut process = child.0.take().expect("still ours");
-        process.kill().expect("SIGKILL the child");
-        process.wait().expect("reap the child");
-        stdout_reader.join().expect("stdout reader");
-        let stderr = stderr_reader.join().expect("stderr reader");
-        let reports = std::mem::take(&mut *reports.lock().unwrap());
+        let ChildRound {
+            reports,
+            stderr,
+            early_exit,
+        } = crash_loop::run_child(
+            "api_child_writer",
+            &[
+                (CHILD_DIR_ENV, data.clone().into_os_string()),
+                (CHILD_SEED_ENV, child_seed.to_string().into()),
+                (CHILD_FLOOR_ENV, floor.to_string().into()),
+            ],
+            RoundLog::new(),
+            kill_after,
+            FIRST_ACK_TIMEOUT,
+        );
         let child_output = || {
             format!(
                 "\n--- child stdout (last lines) ---\n{}\n--- child stderr ---\n{stderr}",

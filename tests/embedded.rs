@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use kvnode::consistency::{ServedLevel, Staleness};
 use kvnode::{Config, Error, Node, ReadOptions, SessionToken};
+use kvnode_testkit::Rng;
 
 fn config(dir: &Path) -> Config {
     Config {
@@ -240,22 +241,6 @@ async fn a_data_dir_made_with_another_shard_count_or_node_id_is_refused() {
     node.close().await;
 }
 
-/// A tiny deterministic RNG (splitmix64) so failures replay from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_operations_agree_with_a_btreemap_model_across_reopens() {
     for seed in [1u64, 2, 3] {
@@ -264,7 +249,7 @@ async fn random_operations_agree_with_a_btreemap_model_across_reopens() {
             snapshot_every_entries: 50,
             ..config(dir.path())
         };
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         // key → (value, version)
         let mut model: BTreeMap<Vec<u8>, (Vec<u8>, u64)> = BTreeMap::new();
         let mut node = Node::open(cfg.clone()).await.unwrap();

@@ -23,7 +23,9 @@ pub mod linearizability;
 pub mod nemesis;
 pub mod net;
 pub mod probe;
-pub mod processes;
+/// The real `kvnode` processes of a run: the workspace's one process harness, in
+/// `kvnode-testkit`.
+pub use kvnode_testkit::processes;
 pub mod recorder;
 pub mod run;
 pub mod set;

@@ -20,33 +20,8 @@ use kvnode_jepsen::history::{
     F, History, Input, Op, OpResult, OpType, Output, PairedOp, Versioned,
 };
 use kvnode_jepsen::linearizability::{LevelFilter, Verdict, check};
+use kvnode_testkit::Rng;
 use stateright::semantics::{ConsistencyTester, LinearizabilityTester, SequentialSpec};
-
-/// splitmix64: a tiny seeded RNG.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// True with probability `percent`/100.
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<T: Clone>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize].clone()
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The reference: a versioned CAS register as a stateright `SequentialSpec`, written directly
@@ -493,7 +468,7 @@ fn the_checker_agrees_with_stateright_on_random_small_histories() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
     println!("seed {seed} (rerun with JEPSEN_CHECKER_SEED={seed}), {count} histories");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let (mut valid, mut invalid, mut mutated_still_valid, mut with_info) = (0, 0, 0, 0);
     let started = std::time::Instant::now();
     for n in 0..count {

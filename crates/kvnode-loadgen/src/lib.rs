@@ -1,5 +1,6 @@
 //! The load generator: one closed-loop workload, driven identically against kvnode
-//! ([`kvnode::KvnodeTarget`]) or etcd ([`etcd::EtcdTarget`]), measured into an HDR histogram
+//! ([`kvnode::KvnodeTarget`]), etcd ([`etcd::EtcdTarget`]) or a node embedded in this process
+//! ([`embedded::EmbeddedTarget`], the `embedded_throughput` bench), measured into an HDR histogram
 //! and summarized as a [`RunResult`] (`kvctl bench`, `scripts/bench.sh`; [`report`] puts the
 //! results side by side).
 //!
@@ -42,6 +43,7 @@
 
 #![deny(missing_docs)]
 
+pub mod embedded;
 pub mod etcd;
 
 /// etcd's v3 KV service, client side only: the `Range` and `Put` calls [`etcd`] makes, with
@@ -60,9 +62,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use ::kvnode::consistency::{ParseReadLevelError, ReadLevel};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
+use kvnode_testkit::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -222,52 +226,30 @@ impl fmt::Display for Level {
 impl FromStr for Level {
     type Err = LevelError;
 
+    /// `serializable` (etcd), or a kvnode read level as [`ReadLevel`]'s `FromStr` spells it:
     /// `linearizable`, `lease`, `session`, `bounded:DURATION` (e.g. `bounded:500ms`; a bare
-    /// number is milliseconds), `eventual`, `serializable`.
+    /// number is milliseconds), `eventual`.
     fn from_str(s: &str) -> Result<Level, LevelError> {
-        match s.trim() {
-            "linearizable" => Ok(Level::Linearizable),
-            "lease" => Ok(Level::Lease),
-            "session" => Ok(Level::Session),
-            "eventual" => Ok(Level::Eventual),
-            "serializable" => Ok(Level::Serializable),
-            other => match other.strip_prefix("bounded:") {
-                Some(bound) => {
-                    let d = parse_duration(bound).map_err(|problem| LevelError::BadBound {
-                        level: s.to_string(),
-                        problem,
-                    })?;
-                    if d.is_zero() {
-                        return Err(LevelError::BadBound {
-                            level: s.to_string(),
-                            problem: "the bound must be positive".to_string(),
-                        });
-                    }
-                    Ok(Level::Bounded(d))
-                }
-                None => Err(LevelError::Unknown(s.to_string())),
-            },
+        if s.trim() == "serializable" {
+            return Ok(Level::Serializable);
+        }
+        match s.parse::<ReadLevel>() {
+            Ok(ReadLevel::Linearizable) => Ok(Level::Linearizable),
+            Ok(ReadLevel::Lease) => Ok(Level::Lease),
+            Ok(ReadLevel::Session(_)) => Ok(Level::Session),
+            Ok(ReadLevel::Bounded { max_staleness, .. }) => Ok(Level::Bounded(max_staleness)),
+            Ok(ReadLevel::Eventual) => Ok(Level::Eventual),
+            Err(ParseReadLevelError::Unknown(_)) => Err(LevelError::Unknown(s.to_string())),
+            Err(ParseReadLevelError::BadBound { level, problem }) => {
+                Err(LevelError::BadBound { level, problem })
+            }
         }
     }
 }
 
-/// Parses `500ms`, `2s`, `1m` (a bare number is milliseconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "ms"),
-    };
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 2s, 1m)"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        _ => Err(format!("unknown unit {unit:?} in {s:?} (use ms, s or m)")),
-    }
-}
+/// Parses `500ms`, `2s`, `1m` (a bare number is milliseconds): the library's parser, which
+/// read levels use too.
+pub use ::kvnode::consistency::parse_duration;
 
 /// A read level or system name that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -550,42 +532,6 @@ pub fn thousands(n: u64) -> String {
         out.push(c);
     }
     out
-}
-
-/// A small fast generator (xorshift64*) for key choice and values; each task seeds its own.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        // splitmix64 of the seed: distinct, never-zero states for consecutive seeds.
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Rng((z ^ (z >> 31)).max(1))
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2^-32 for our `n`).
-    fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-
-    /// `len` random bytes.
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            v.extend_from_slice(&self.next_u64().to_le_bytes());
-        }
-        v.truncate(len);
-        v
-    }
 }
 
 fn new_histogram() -> Histogram<u64> {

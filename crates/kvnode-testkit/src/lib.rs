@@ -1,12 +1,28 @@
-//! Test support for kvnode's tests, benches and tools: an in-process cluster of N nodes, each serving the client API and
-//! the peer transport on its own 127.0.0.1 port, with stop/restart on the same port and test
-//! partitions; [`eventually`], the polling helper every cluster test needs; and [`Rng`], the
-//! seeded generator that makes randomized tests replayable from a printed seed.
+//! Test support for kvnode's tests, benches and tools:
 //!
-//! These helpers panic on failure, as test code does; nothing in the product calls them (the
-//! library never depends on this crate; its tests do, as a dev-dependency).
+//! - [`LocalCluster`]: an in-process cluster of N nodes, each serving the client API and the
+//!   peer transport on its own 127.0.0.1 port, with stop/restart on the same port and test
+//!   partitions;
+//! - [`processes`] and [`process_cluster`]: the one harness for real `kvnode` processes (the
+//!   Jepsen runner, the end-to-end tests of `kvnode-cli` and the `read_levels` bench all use
+//!   it): spawn, SIGKILL, SIGTERM, SIGSTOP/SIGCONT, restart on the same address and data, log
+//!   tails, and the gRPC calls the tests make;
+//! - [`crash_loop`]: the driver of the crash-loop tests (the test binary run again as a child,
+//!   killed at a random moment, its reports read from its stdout);
+//! - [`eventually`], the polling helper every cluster test needs;
+//! - [`Rng`], the workspace's one seeded generator: randomized tests print their seed and
+//!   replay from it, and the load generator draws its keys and values from it.
+//!
+//! These helpers panic on failure, as test code does (but [`processes`], which returns
+//! errors). The library never depends on this crate; its tests do, as a dev-dependency, and
+//! so do the tools `kvnode-jepsen` and `kvnode-loadgen`.
 
 #![deny(missing_docs)]
+
+pub mod crash_loop;
+pub mod ports;
+pub mod process_cluster;
+pub mod processes;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -52,6 +68,8 @@ struct Running {
 pub struct LocalCluster {
     configs: Vec<Config>,
     nodes: Vec<Option<Running>>,
+    /// Every node's port, held while the cluster lives, so that a restart finds it free.
+    _ports: Vec<ports::PortReservation>,
 }
 
 impl LocalCluster {
@@ -66,12 +84,15 @@ impl LocalCluster {
             .try_init();
         let mut listeners = Vec::new();
         let mut peers = BTreeMap::new();
+        let mut reserved = Vec::new();
         for id in 1..=n {
-            let listener = TcpListener::bind("127.0.0.1:0")
+            let port = ports::PortReservation::new().expect("reserve a local port");
+            let listener = TcpListener::bind(port.addr())
                 .await
-                .expect("bind a local port");
-            peers.insert(id, listener.local_addr().expect("local addr").to_string());
+                .expect("bind the reserved port");
+            peers.insert(id, port.addr().to_string());
             listeners.push(listener);
+            reserved.push(port);
         }
         let configs: Vec<Config> = (1..=n)
             .map(|id| {
@@ -96,7 +117,11 @@ impl LocalCluster {
         for (config, listener) in configs.iter().zip(listeners) {
             nodes.push(Some(serve(config, listener).await));
         }
-        LocalCluster { configs, nodes }
+        LocalCluster {
+            configs,
+            nodes,
+            _ports: reserved,
+        }
     }
 
     /// Node `id` (panics if it is stopped).
@@ -238,5 +263,31 @@ impl Rng {
     /// Uniform in `lo..=hi` (modulo bias is irrelevant for tests).
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2^-32 for the `n` tests
+    /// and tools use).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+
+    /// True with probability `percent`/100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    /// One of `items`, uniformly (panics if empty).
+    pub fn pick<T: Clone>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize].clone()
+    }
+
+    /// `len` random bytes.
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(len + 8);
+        while v.len() < len {
+            v.extend_from_slice(&self.next_u64().to_le_bytes());
+        }
+        v.truncate(len);
+        v
     }
 }

@@ -16,9 +16,10 @@ use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use futures::future::join_all;
 use kvnode::client::{Client, ClientOptions, ClusterStatus};
-use kvnode::consistency::{Fallback, ReadLevel, ReadOptions, SessionToken, Staleness};
+use kvnode::consistency::{
+    Fallback, ParseReadLevelError, ReadLevel, ReadOptions, Staleness, parse_duration,
+};
 use kvnode::{ReadReceipt, VersionedValue, WriteReceipt};
-use kvnode_loadgen::parse_duration;
 
 /// Command-line client for a kvnode cluster.
 ///
@@ -107,29 +108,9 @@ struct CasArgs {
     delete: bool,
 }
 
+/// `--level`: the library's one read-level parser ([`ReadLevel`]'s `FromStr`).
 fn parse_level(s: &str) -> Result<ReadLevel, String> {
-    match s {
-        "linearizable" => Ok(ReadLevel::Linearizable),
-        "lease" => Ok(ReadLevel::Lease),
-        "session" => Ok(ReadLevel::Session(SessionToken::new())),
-        "eventual" => Ok(ReadLevel::Eventual),
-        "bounded" => Err("bounded needs a bound, e.g. bounded:500ms".into()),
-        _ => match s.strip_prefix("bounded:") {
-            Some(bound) => {
-                let max_staleness = parse_duration(bound)?;
-                if max_staleness.is_zero() {
-                    return Err("the staleness bound must be positive".into());
-                }
-                Ok(ReadLevel::Bounded {
-                    max_staleness,
-                    fallback: Fallback::Linearizable,
-                })
-            }
-            None => Err(format!(
-                "unknown level {s:?}: use linearizable, lease, session, bounded:DURATION or eventual"
-            )),
-        },
-    }
+    s.parse().map_err(|e: ParseReadLevelError| e.to_string())
 }
 
 fn parse_seen(s: &str) -> Result<(u64, u64), String> {

@@ -2,12 +2,15 @@
 //! directory and log file, and the process faults the nemesis injects: `kill -9` and restart
 //! with the same arguments and data, SIGSTOP and SIGCONT. Only processes this module spawned
 //! are ever signalled.
+//!
+//! This is the workspace's one process harness: the Jepsen runner (`kvnode-jepsen`) drives it
+//! directly, and [`crate::process_cluster`] builds the tests' and benches' clusters on it.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Why a process could not be started or signalled.
@@ -330,6 +333,39 @@ impl Processes {
             }
             let _ = self.kill(id);
         }
+    }
+}
+
+/// What the test and bench clusters ([`crate::process_cluster`]) need besides the faults.
+impl Processes {
+    /// True if the node has a process that this harness has not killed or seen exit (it may
+    /// have exited since; [`Processes::is_running`] checks).
+    pub fn has_process(&self, id: u64) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.child.is_some())
+    }
+
+    /// The OS process id of the node's process, if it has one.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes.get(&id)?.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM (after SIGCONT if the node is paused): a clean shutdown; see
+    /// [`Processes::try_exit`].
+    pub fn terminate(&mut self, id: u64) -> Result<(), ProcessError> {
+        if self.is_paused(id) {
+            self.resume(id)?;
+        }
+        self.signal(id, libc::SIGTERM, "SIGTERM")
+    }
+
+    /// The node's exit status once its process has exited (the process is then forgotten, as
+    /// after [`Processes::kill`]); `None` while it runs or if it has no process.
+    pub fn try_exit(&mut self, id: u64) -> Option<ExitStatus> {
+        let node = self.nodes.get_mut(&id)?;
+        let status = node.child.as_mut()?.try_wait().ok()??;
+        node.child = None;
+        node.paused = false;
+        Some(status)
     }
 }
 
