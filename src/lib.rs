@@ -113,7 +113,7 @@
 //! vote is still the leader's. A majority of yes proves no later leader existed when the read
 //! began (votes only grow, and the WAL's copy of a vote changes before it is granted); the
 //! read is served once the leader has applied its index. The module doc has the argument;
-//! the tests that hold a leader's apply or restart a leader (`tests/consistency.rs`), the
+//! the tests that hold a leader's apply or restart a leader (`tests/replication/consistency.rs`), the
 //! cluster test `a_deposed_leader_resumed_after_a_pause_does_not_serve_a_stale_linearizable_read`
 //! and the planted bugs `confirm-any-vote` and `read-index-applied` show each part matters.
 //! It uses no clock.

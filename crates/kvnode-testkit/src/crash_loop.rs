@@ -1,4 +1,4 @@
-//! The driver of the crash-loop tests (`tests/crash_loop.rs`, `tests/crash_loop_api.rs`): each
+//! The driver of the crash-loop tests (`tests/crash/crash_loop.rs`, `tests/crash/crash_loop_api.rs`): each
 //! round runs the test binary itself again as a child process (only one ignored test of it,
 //! the child's writer), reads the child's report lines from its stdout as they come, lets the
 //! child go on for a while after its first acknowledgement, kills it with SIGKILL and hands

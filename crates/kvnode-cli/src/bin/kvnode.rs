@@ -26,7 +26,8 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     id: u64,
     /// Address to listen on for clients and peers. Default: this node's entry in --peers, or
-    /// 127.0.0.1:7001.
+    /// 127.0.0.1:7001. Port 0: the OS picks a free port, which the "kvnode serving" log line
+    /// reports (`listen=`).
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// Data directory. Default: data/kvnode (single node) or data/node-<id> (cluster).
@@ -165,6 +166,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    // The address actually bound: with `--listen 127.0.0.1:0` the OS picks the port, and this
+    // log line is where a caller (a script, a test) reads it.
+    let listen = listener.local_addr().unwrap_or(listen);
     let node = Arc::new(Node::open(config).await.context("cannot open the node")?);
     tracing::info!(
         node = node.id(),

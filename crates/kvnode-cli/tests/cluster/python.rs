@@ -67,6 +67,28 @@ pub fn environment() -> Option<Python> {
     })
 }
 
+/// True if the package index pip would use (`PIP_INDEX_URL`, else pypi.org) accepts a TCP
+/// connection within 5 s: without it grpcio cannot be installed, and the Python test skips.
+pub fn package_index_reachable() -> bool {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let url = std::env::var("PIP_INDEX_URL").unwrap_or_else(|_| "https://pypi.org/simple".into());
+    let (scheme, rest) = url.split_once("://").unwrap_or(("https", url.as_str()));
+    let authority = rest.split('/').next().unwrap_or_default();
+    let authority = authority.rsplit('@').next().unwrap_or_default();
+    let default_port = if scheme == "http" { 80 } else { 443 };
+    let target = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:{default_port}")
+    };
+    let Ok(addrs) = target.to_socket_addrs() else {
+        return false;
+    };
+    addrs
+        .into_iter()
+        .any(|a| TcpStream::connect_timeout(&a, std::time::Duration::from_secs(5)).is_ok())
+}
+
 /// Runs `kv_client.py ADDR KEY VALUE`; returns its stdout (panics with its output on failure).
 pub fn run_client(python: &Python, addr: &str, key: &str, value: &str) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cluster/kv_client.py");

@@ -14,7 +14,7 @@
 //!   compare-and-sets decided again by a plain map).
 //!
 //! Everything random comes from one master seed, printed at the start; replay a failure with
-//! `KVNODE_CRASH_SEED=<seed> cargo test --test crash_loop -- --nocapture`.
+//! `KVNODE_CRASH_SEED=<seed> cargo test --test crash crash_loop:: -- --nocapture`.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -625,7 +625,7 @@ fn crash_loop_loses_no_acknowledged_entry() {
             stderr,
             early_exit,
         } = crash_loop::run_child(
-            "child_writer",
+            "crash_loop::child_writer",
             &[
                 (CHILD_DIR_ENV, data.clone().into_os_string()),
                 (CHILD_SEED_ENV, child_seed.to_string().into()),

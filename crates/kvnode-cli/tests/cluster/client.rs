@@ -142,12 +142,9 @@ async fn the_client_speaks_the_embedded_api_over_grpc() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_cluster_is_a_definite_failure() {
-    // A port nothing listens on.
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port nothing listens on (held for nobody while the test runs).
+    let free = kvnode_testkit::ports::PortReservation::new().unwrap();
+    let addr = free.addr();
     let e = Client::connect([addr.to_string()]).await.unwrap_err();
     assert!(matches!(e, Error::Unavailable { .. }), "{e}");
     assert!(e.is_definite());

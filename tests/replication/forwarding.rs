@@ -38,6 +38,7 @@ use kvnode::pb::raft::{
 use kvnode::pb::status::OUTCOME;
 use kvnode::{Config, Node};
 use kvnode_testkit::eventually;
+use kvnode_testkit::ports::PortReservation;
 
 /// Generous bound for waiting on a condition (never a pass/fail timing).
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -419,10 +420,10 @@ async fn all<T, F: Future<Output = T>>(n: usize, call: impl Fn() -> F) -> Vec<T>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forward_that_could_not_connect_is_definite_and_a_sent_write_is_indeterminate() {
-    // Nothing listens at node 2's address: the connection is refused, nothing was sent.
-    let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let nobody = free.local_addr().unwrap().to_string();
-    drop(free);
+    // Nothing listens at node 2's address (a port held for nobody): the connection is
+    // refused, nothing was sent.
+    let free = PortReservation::new().unwrap();
+    let nobody = free.addr().to_string();
     let node1 = Forwarder::start(&nobody, 100).await;
     let key = node1.key_on_node2("k");
     let mut kv = node1.client().await;

@@ -18,7 +18,7 @@
 //! - an eventual read equals the linearizable one (a single node).
 //!
 //! Everything random comes from one master seed, printed at the start; replay a failure with
-//! `KVNODE_CRASH_SEED=<seed> cargo test --test crash_loop_api -- --nocapture`.
+//! `KVNODE_CRASH_SEED=<seed> cargo test --test crash crash_loop_api:: -- --nocapture`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -722,7 +722,7 @@ fn api_crash_loop_loses_no_acknowledged_write() {
             stderr,
             early_exit,
         } = crash_loop::run_child(
-            "api_child_writer",
+            "crash_loop_api::api_child_writer",
             &[
                 (CHILD_DIR_ENV, data.clone().into_os_string()),
                 (CHILD_SEED_ENV, child_seed.to_string().into()),
