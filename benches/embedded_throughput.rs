@@ -6,7 +6,6 @@
 //! `cargo bench --bench embedded_throughput -- [--seconds 3] [--concurrency 64] [--shards 16]
 //! [--keys 1000] [--value-bytes 256] [--dir PATH]`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,35 +13,22 @@ use kvnode::{Config, Node};
 use kvnode_loadgen::embedded::EmbeddedTarget;
 use kvnode_loadgen::{Level, Names, Progress, Workload, run};
 
+#[allow(dead_code)]
+mod common;
+
 /// Embedded single-node throughput and latency per operation.
 #[derive(clap::Parser)]
 struct Args {
     /// Seconds per row.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-    /// Calls in flight (closed loop).
-    #[arg(long, default_value_t = 64)]
-    concurrency: usize,
-    /// Shards of the node.
-    #[arg(long, default_value_t = 16)]
-    shards: u32,
-    /// Distinct keys.
-    #[arg(long, default_value_t = 1000)]
-    keys: u64,
-    /// Bytes per value.
-    #[arg(long, default_value_t = 256)]
-    value_bytes: usize,
-    /// Where the node's temporary data directory is made.
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Passed by `cargo bench`; ignored.
-    #[arg(long, hide = true)]
-    bench: bool,
+    #[command(flatten)]
+    load: common::LoadFlags,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let a = <Args as clap::Parser>::parse();
+    let Args { seconds, load: a } = <Args as clap::Parser>::parse();
     let tmp = tempfile::tempdir_in(a.dir.clone().unwrap_or_else(std::env::temp_dir))?;
     let node = Arc::new(
         Node::open(Config {
@@ -57,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
         a.concurrency,
         a.keys,
         a.value_bytes,
-        a.seconds,
+        seconds,
         tmp.path().display()
     );
     println!(
@@ -81,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
             keys: a.keys,
             value_bytes: a.value_bytes,
             read_percent,
-            duration: Duration::from_secs_f64(a.seconds),
+            duration: Duration::from_secs_f64(seconds),
             warmup: Duration::ZERO,
         };
         let names = Names {

@@ -32,42 +32,29 @@ use tonic::transport::{Channel, Endpoint};
 const NODES: u64 = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+#[allow(dead_code)]
+mod common;
+
 /// Read throughput and latency of each read level on a local 3-node cluster.
 #[derive(clap::Parser)]
 struct Args {
     /// Seconds per row.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Reads in flight (closed loop).
-    #[arg(long, default_value_t = 64)]
-    concurrency: usize,
-    /// Shards of the cluster.
-    #[arg(long, default_value_t = 16)]
-    shards: u32,
-    /// Distinct keys.
-    #[arg(long, default_value_t = 1000)]
-    keys: u64,
-    /// Bytes per value.
-    #[arg(long, default_value_t = 256)]
-    value_bytes: usize,
+    #[command(flatten)]
+    load: common::LoadFlags,
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
     /// The kvnode binary (default: the release build in the target directory).
     #[arg(long)]
     kvnode: Option<PathBuf>,
-    /// Where the cluster's temporary directory is made.
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Passed by `cargo bench`; ignored.
-    #[arg(long, hide = true)]
-    bench: bool,
 }
 
 fn args() -> Args {
     let a = <Args as clap::Parser>::parse();
-    assert!(a.concurrency > 0, "--concurrency must be positive");
-    assert!(a.keys > 0, "--keys must be positive");
+    assert!(a.load.concurrency > 0, "--concurrency must be positive");
+    assert!(a.load.keys > 0, "--keys must be positive");
     a
 }
 
@@ -338,8 +325,8 @@ where
 }
 
 async fn preload(client: &Client, a: &Args) -> anyhow::Result<SessionToken> {
-    let value = vec![b'v'; a.value_bytes];
-    let receipts: Vec<_> = futures::stream::iter(0..a.keys)
+    let value = vec![b'v'; a.load.value_bytes];
+    let receipts: Vec<_> = futures::stream::iter(0..a.load.keys)
         .map(|i| {
             let value = value.clone();
             async move {
@@ -355,7 +342,7 @@ async fn preload(client: &Client, a: &Args) -> anyhow::Result<SessionToken> {
                 Err(anyhow::anyhow!("preload put of key-{i}: {:?}", last))
             }
         })
-        .buffer_unordered(a.concurrency)
+        .buffer_unordered(a.load.concurrency)
         .collect()
         .await;
     let mut token = SessionToken::new();
@@ -390,10 +377,10 @@ fn json(a: &Args, rows: &[Row]) -> String {
     format!(
         "{{\"nodes\":{NODES},\"shards\":{},\"concurrency\":{},\"keys\":{},\"value_bytes\":{},\
          \"seconds\":{},\"cpus\":{},\"rows\":[\n  {}\n]}}\n",
-        a.shards,
-        a.concurrency,
-        a.keys,
-        a.value_bytes,
+        a.load.shards,
+        a.load.concurrency,
+        a.load.keys,
+        a.load.value_bytes,
         a.seconds,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         items.join(",\n  ")
@@ -404,7 +391,7 @@ fn json(a: &Args, rows: &[Row]) -> String {
 async fn main() -> anyhow::Result<()> {
     let a = args();
     let bin = kvnode_binary(&a);
-    let mut cluster = start_cluster(&bin, a.shards, a.dir.as_ref())?;
+    let mut cluster = start_cluster(&bin, a.load.shards, a.load.dir.as_ref())?;
     let seeds = cluster.seeds();
     let client = wait_until("a node answers", &mut cluster, || async {
         Client::connect(seeds.clone()).await.ok()
@@ -412,12 +399,12 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let client = &client;
     wait_until("every shard has a leader", &mut cluster, || async {
-        placement(client, a.shards).await
+        placement(client, a.load.shards).await
     })
     .await?;
     let token = preload(client, &a).await?;
     let mut placement_now = wait_until("followers caught up", &mut cluster, || async {
-        let p = placement(client, a.shards).await?;
+        let p = placement(client, a.load.shards).await?;
         caught_up(client, &p).await.then_some(p)
     })
     .await?;
@@ -430,7 +417,7 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         grpc.insert(id, KvClient::new(channel));
     }
-    let keys: Vec<(Vec<u8>, u64)> = (0..a.keys)
+    let keys: Vec<(Vec<u8>, u64)> = (0..a.load.keys)
         .map(|i| {
             let key = format!("key-{i}").into_bytes();
             let shard = client.shard_for(&key);
@@ -445,14 +432,14 @@ async fn main() -> anyhow::Result<()> {
         "3-node local cluster (binary {}), {} shards (leaders per node: {}), {} in flight, \
          {} keys, {}-byte values, {} s per row, {} CPUs for the nodes and the load generator",
         bin.display(),
-        a.shards,
+        a.load.shards,
         led.iter()
             .map(|(n, c)| format!("n{n}={c}"))
             .collect::<Vec<_>>()
             .join(" "),
-        a.concurrency,
-        a.keys,
-        a.value_bytes,
+        a.load.concurrency,
+        a.load.keys,
+        a.load.value_bytes,
         a.seconds,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
@@ -492,7 +479,7 @@ async fn main() -> anyhow::Result<()> {
     for (level, options, asked) in levels {
         for via in [Via::Leader, Via::Follower] {
             // Leadership may have moved since the last row: route by the current placement.
-            if let Some(p) = placement(client, a.shards).await {
+            if let Some(p) = placement(client, a.load.shards).await {
                 placement_now = p;
             }
             let plan = Plan {
@@ -505,7 +492,7 @@ async fn main() -> anyhow::Result<()> {
                 grpc: grpc.clone(),
                 deadline: Instant::now() + Duration::from_secs_f64(a.seconds),
             };
-            let row = run(plan, level, a.concurrency).await;
+            let row = run(plan, level, a.load.concurrency).await;
             println!(
                 "{:<13} {:<9} {:>9.0} {:>8.2} {:>8.2} {:>9.2} {:>8.1}% {:>9.1}% {:>7}",
                 row.level,

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use kvnode::storage::wal::Waiter;
 use kvnode::storage::{Wal, WalOptions};
 
+#[allow(dead_code)]
+mod common;
+
 /// Purge a shard's log up to `last - PURGE_EVERY` every `PURGE_EVERY` appends.
 const PURGE_EVERY: u64 = 1000;
 
@@ -179,23 +182,10 @@ fn group_commit(dir: &Path, shards: usize, args: &Args, run: Duration) -> Row {
     }
 }
 
-/// Filesystem type of `dir` per `df -T`, if that works here.
-fn fs_type(dir: &Path) -> Option<String> {
-    let out = std::process::Command::new("df")
-        .arg("-T")
-        .arg(dir)
-        .output()
-        .ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
-    let mut fields = text.lines().nth(1)?.split_whitespace();
-    let (device, fs) = (fields.next()?, fields.next()?);
-    Some(format!("{fs} on {device}"))
-}
-
 fn main() {
     let args = parse_args();
     let run = Duration::from_secs_f64(args.seconds);
-    let fs = fs_type(&args.dir).unwrap_or_else(|| "unknown".into());
+    let fs = common::fs_type(&args.dir).unwrap_or_else(|| "unknown".into());
     println!(
         "WAL group commit: {} entr{} x {} B per append, one append in flight per shard, {} s per run, dir {} ({fs})",
         args.entries,

@@ -16,9 +16,9 @@
 //! Everything random comes from one master seed, printed at the start; replay a failure with
 //! `KVNODE_CRASH_SEED=<seed> cargo test --test crash crash_loop:: -- --nocapture`.
 
-use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
 
 use kvnode::raft::openraft_types::{
     IOFlushed, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine,
@@ -29,7 +29,7 @@ use kvnode::raft::{
 use kvnode::storage::codec::decode_serde;
 use kvnode::storage::{Store, StoreOptions};
 use kvnode_testkit::Rng;
-use kvnode_testkit::crash_loop::{self, ChildReports, ChildRound};
+use kvnode_testkit::crash_loop::{self, ChildReports};
 use openraft::type_config::TypeConfigExt as _;
 
 /// Shards the child writes (ids `0..SHARDS`).
@@ -44,15 +44,8 @@ const SNAPSHOT_EVERY: u64 = 150;
 const PURGE_LAG: u64 = 5;
 /// Milliseconds the child runs after its first acknowledgement of a round.
 const KILL_AFTER_MS: (u64, u64) = (40, 350);
-/// How long a child may take to acknowledge its first entry of a round.
-const FIRST_ACK_TIMEOUT: Duration = Duration::from_secs(20);
-
 /// The master seed used when `KVNODE_CRASH_SEED` is not set.
 const DEFAULT_SEED: u64 = 0x6b76_6e6f_6465_c4a5;
-const SEED_ENV: &str = "KVNODE_CRASH_SEED";
-/// Child environment: the data directory and the child's own seed.
-const CHILD_DIR_ENV: &str = "KVNODE_CRASH_CHILD_DIR";
-const CHILD_SEED_ENV: &str = "KVNODE_CRASH_CHILD_SEED";
 /// Prefix of the child's report lines (libtest may print its own text on the same line).
 const MARK: &str = "CRASHLOOP";
 
@@ -107,23 +100,11 @@ fn report(line: std::fmt::Arguments<'_>) {
 #[test]
 #[ignore = "child process of crash_loop_loses_no_acknowledged_entry; started by it"]
 fn child_writer() {
-    let Some(dir) = std::env::var_os(CHILD_DIR_ENV) else {
+    let Some(crash_loop::Child { dir, seed, runtime }) = crash_loop::Child::from_env() else {
         return;
     };
-    let seed: u64 = std::env::var(CHILD_SEED_ENV)
-        .expect("child: seed variable missing")
-        .parse()
-        .expect("child: seed is not a number");
-    // End libtest's "test child_writer ... " line.
-    println!();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("child: tokio runtime");
     runtime.block_on(async move {
-        let store =
-            Store::open(PathBuf::from(dir), StoreOptions::default()).expect("child: open store");
+        let store = Store::open(dir, StoreOptions::default()).expect("child: open store");
         let mut rng = Rng::new(seed);
         let mut writers = tokio::task::JoinSet::new();
         for shard in 0..SHARDS {
@@ -265,8 +246,6 @@ struct RoundLog {
     acked_entries: u64,
     /// Inconsistencies in the reports themselves.
     problems: Vec<String>,
-    /// The last lines that were not reports (libtest's text, panics), for diagnostics.
-    other: VecDeque<String>,
 }
 
 impl RoundLog {
@@ -276,16 +255,19 @@ impl RoundLog {
             ..RoundLog::default()
         }
     }
+}
+
+impl ChildReports for RoundLog {
+    fn acknowledged(&self) -> bool {
+        self.acked_entries > 0
+    }
+
+    fn problems(&self) -> &[String] {
+        &self.problems
+    }
 
     fn record(&mut self, line: &str) {
-        let Some(at) = line.find(MARK) else {
-            if self.other.len() == 40 {
-                self.other.pop_front();
-            }
-            self.other.push_back(line.to_string());
-            return;
-        };
-        let words: Vec<&str> = line[at + MARK.len()..].split_whitespace().collect();
+        let words: Vec<&str> = line.split_whitespace().collect();
         let numbers: Option<Vec<u64>> = words.iter().skip(1).map(|w| w.parse().ok()).collect();
         let (Some(kind), Some(numbers)) = (words.first(), numbers) else {
             self.problems
@@ -335,20 +317,6 @@ impl RoundLog {
             }
             _ => self.problems.push(format!("unknown report line {line:?}")),
         }
-    }
-}
-
-impl ChildReports for RoundLog {
-    fn record(&mut self, line: &str) {
-        RoundLog::record(self, line);
-    }
-
-    fn problem(&mut self, problem: String) {
-        self.problems.push(problem);
-    }
-
-    fn acknowledged(&self) -> bool {
-        self.acked_entries > 0
     }
 }
 
@@ -593,11 +561,8 @@ async fn check_shard(store: &Store, shard: u64, model: &ShardModel) -> Result<Sh
 #[test]
 fn crash_loop_loses_no_acknowledged_entry() {
     let started = Instant::now();
-    let seed = crash_loop::master_seed(SEED_ENV, DEFAULT_SEED);
-    println!("crash loop: master seed {seed} (replay with {SEED_ENV}={seed})");
-    let mut rng = Rng::new(seed);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
+    let mut parent = crash_loop::Parent::start("crash loop", DEFAULT_SEED);
+    let (seed, data) = (parent.seed, parent.data.clone());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -615,45 +580,29 @@ fn crash_loop_loses_no_acknowledged_entry() {
 
     for round in 1..=ROUNDS {
         let fail = |what: String| -> ! {
-            panic!("crash loop round {round}/{ROUNDS} (replay with {SEED_ENV}={seed}): {what}")
+            panic!(
+                "crash loop round {round}/{ROUNDS} (replay with {}={seed}): {what}",
+                crash_loop::SEED_ENV
+            )
         };
-        let child_seed = rng.next_u64();
-        let kill_after = Duration::from_millis(rng.range(KILL_AFTER_MS.0, KILL_AFTER_MS.1));
-
-        let ChildRound {
-            reports,
-            stderr,
-            early_exit,
-        } = crash_loop::run_child(
+        let round_run = parent.round(
             "crash_loop::child_writer",
-            &[
-                (CHILD_DIR_ENV, data.clone().into_os_string()),
-                (CHILD_SEED_ENV, child_seed.to_string().into()),
-            ],
+            MARK,
+            &[],
             RoundLog::new(),
-            kill_after,
-            FIRST_ACK_TIMEOUT,
+            KILL_AFTER_MS,
         );
-        if let Some(why) = early_exit {
-            fail(format!(
-                "{why}\n--- child stdout (last lines) ---\n{}\n--- child stderr ---\n{stderr}",
-                Vec::from(reports.other).join("\n")
-            ));
-        }
-        if !reports.problems.is_empty() {
-            fail(format!(
-                "the child's reports are inconsistent:\n{}",
-                reports.problems.join("\n")
-            ));
+        let (reports, kill_after) = (&round_run.reports, round_run.kill_after);
+        if let Some(why) = round_run.failure() {
+            fail(why);
         }
 
         for (shard, (model, r)) in models.iter_mut().zip(&reports.shards).enumerate() {
             // Every shard's writer got going, and found the log where the last check left it.
             match r.start {
                 None => fail(format!(
-                    "shard {shard}: the child's writer never started\n--- child stdout (last \
-                     lines) ---\n{}\n--- child stderr ---\n{stderr}",
-                    Vec::from(reports.other.clone()).join("\n")
+                    "shard {shard}: the child's writer never started{}",
+                    round_run.output()
                 )),
                 Some((next, _)) if next != model.log_end + 1 => fail(format!(
                     "shard {shard}: the child resumed appending at {next}, but the log ended at \

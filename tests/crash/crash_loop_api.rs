@@ -20,14 +20,14 @@
 //! Everything random comes from one master seed, printed at the start; replay a failure with
 //! `KVNODE_CRASH_SEED=<seed> cargo test --test crash crash_loop_api:: -- --nocapture`.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvnode::{Config, Node, ReadOptions, VersionedValue};
 use kvnode_testkit::Rng;
-use kvnode_testkit::crash_loop::{self, ChildReports, ChildRound};
+use kvnode_testkit::crash_loop::{self, ChildReports};
 
 /// Shards of the node.
 const SHARDS: u32 = 8;
@@ -43,18 +43,13 @@ const KEYS_PER_WORKER: u64 = 6;
 const DELETE_ONE_IN: u64 = 12;
 /// Milliseconds the child runs after its first acknowledgement of a round.
 const KILL_AFTER_MS: (u64, u64) = (50, 400);
-/// How long a child may take to acknowledge its first write of a round.
-const FIRST_ACK_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the parent's reopen (and close) of the node may take before it counts as a hang.
 const REOPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The master seed used when `KVNODE_CRASH_SEED` is not set.
 const DEFAULT_SEED: u64 = 0x6b76_6e6f_6465_a91c;
-const SEED_ENV: &str = "KVNODE_CRASH_SEED";
-/// Child environment: the data directory, the child's own seed, and the lowest counter it may
-/// use (above every counter any earlier child tried, so counters never repeat for a key).
-const CHILD_DIR_ENV: &str = "KVNODE_API_CRASH_CHILD_DIR";
-const CHILD_SEED_ENV: &str = "KVNODE_API_CRASH_CHILD_SEED";
+/// Child environment (besides the driver's): the lowest counter it may use (above every
+/// counter any earlier child tried, so counters never repeat for a key).
 const CHILD_FLOOR_ENV: &str = "KVNODE_API_CRASH_CHILD_FLOOR";
 /// Prefix of the child's report lines (libtest may print its own text on the same line).
 const MARK: &str = "APICRASH";
@@ -125,28 +120,12 @@ fn report(line: std::fmt::Arguments<'_>) {
 #[test]
 #[ignore = "child process of api_crash_loop_loses_no_acknowledged_write; started by it"]
 fn api_child_writer() {
-    let Some(dir) = std::env::var_os(CHILD_DIR_ENV) else {
+    let Some(crash_loop::Child { dir, seed, runtime }) = crash_loop::Child::from_env() else {
         return;
     };
-    let number = |name: &str| -> u64 {
-        std::env::var(name)
-            .unwrap_or_else(|_| panic!("child: {name} missing"))
-            .parse()
-            .unwrap_or_else(|e| panic!("child: {name} is not a number: {e}"))
-    };
-    let seed = number(CHILD_SEED_ENV);
-    let floor = number(CHILD_FLOOR_ENV);
-    // End libtest's "test api_child_writer ... " line.
-    println!();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("child: tokio runtime");
+    let floor = crash_loop::child_number(CHILD_FLOOR_ENV);
     runtime.block_on(async move {
-        let node = Node::open(config(&PathBuf::from(dir)))
-            .await
-            .expect("child: open node");
+        let node = Node::open(config(&dir)).await.expect("child: open node");
         let node = Arc::new(node);
         report(format_args!("OPENED"));
         let mut rng = Rng::new(seed);
@@ -342,8 +321,6 @@ struct RoundLog {
     error_samples: Vec<String>,
     /// Inconsistencies in the reports themselves, or failures the child detected.
     problems: Vec<String>,
-    /// The last lines that were not reports (libtest's text, panics), for diagnostics.
-    other: VecDeque<String>,
 }
 
 impl RoundLog {
@@ -356,16 +333,19 @@ impl RoundLog {
             ..RoundLog::default()
         }
     }
+}
+
+impl ChildReports for RoundLog {
+    fn acknowledged(&self) -> bool {
+        self.acked_writes > 0
+    }
+
+    fn problems(&self) -> &[String] {
+        &self.problems
+    }
 
     fn record(&mut self, line: &str) {
-        let Some(at) = line.find(MARK) else {
-            if self.other.len() == 40 {
-                self.other.pop_front();
-            }
-            self.other.push_back(line.to_string());
-            return;
-        };
-        let report = line[at + MARK.len()..].trim();
+        let report = line;
         if report == "OPENED" {
             self.opened = true;
             return;
@@ -437,20 +417,6 @@ impl RoundLog {
             )),
             _ => self.problems.push(format!("unknown report line {line:?}")),
         }
-    }
-}
-
-impl ChildReports for RoundLog {
-    fn record(&mut self, line: &str) {
-        RoundLog::record(self, line);
-    }
-
-    fn problem(&mut self, problem: String) {
-        self.problems.push(problem);
-    }
-
-    fn acknowledged(&self) -> bool {
-        self.acked_writes > 0
     }
 }
 
@@ -685,11 +651,8 @@ fn counter_floor(models: &BTreeMap<String, KeyModel>) -> u64 {
 #[test]
 fn api_crash_loop_loses_no_acknowledged_write() {
     let started = Instant::now();
-    let seed = crash_loop::master_seed(SEED_ENV, DEFAULT_SEED);
-    println!("api crash loop: master seed {seed} (replay with {SEED_ENV}={seed})");
-    let mut rng = Rng::new(seed);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
+    let mut parent = crash_loop::Parent::start("api crash loop", DEFAULT_SEED);
+    let (seed, data) = (parent.seed, parent.data.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -710,46 +673,26 @@ fn api_crash_loop_loses_no_acknowledged_write() {
 
     for round in 1..=ROUNDS {
         let fail = |what: String| -> ! {
-            panic!("api crash loop round {round}/{ROUNDS} (replay with {SEED_ENV}={seed}): {what}")
+            panic!(
+                "api crash loop round {round}/{ROUNDS} (replay with {}={seed}): {what}",
+                crash_loop::SEED_ENV
+            )
         };
-        let child_seed = rng.next_u64();
-        let kill_after = Duration::from_millis(rng.range(KILL_AFTER_MS.0, KILL_AFTER_MS.1));
         let floor = counter_floor(&models);
 
         // The parent's node of the previous round is closed: the child has the directory.
-        let ChildRound {
-            reports,
-            stderr,
-            early_exit,
-        } = crash_loop::run_child(
+        let round_run = parent.round(
             "crash_loop_api::api_child_writer",
-            &[
-                (CHILD_DIR_ENV, data.clone().into_os_string()),
-                (CHILD_SEED_ENV, child_seed.to_string().into()),
-                (CHILD_FLOOR_ENV, floor.to_string().into()),
-            ],
+            MARK,
+            &[(CHILD_FLOOR_ENV, floor.to_string().into())],
             RoundLog::new(),
-            kill_after,
-            FIRST_ACK_TIMEOUT,
+            KILL_AFTER_MS,
         );
-        let child_output = || {
-            format!(
-                "\n--- child stdout (last lines) ---\n{}\n--- child stderr ---\n{stderr}",
-                Vec::from(reports.other.clone()).join("\n")
-            )
-        };
-        if let Some(why) = early_exit {
+        let (reports, kill_after) = (&round_run.reports, round_run.kill_after);
+        if let Some(why) = round_run.failure() {
             fail(format!(
-                "{why} (opened: {}){}",
-                reports.opened,
-                child_output()
-            ));
-        }
-        if !reports.problems.is_empty() {
-            fail(format!(
-                "the child's reports are inconsistent or it saw a failure:\n{}{}",
-                reports.problems.join("\n"),
-                child_output()
+                "(the child opened its node: {}) {why}",
+                reports.opened
             ));
         }
 

@@ -2,12 +2,12 @@
 //! network, no client), so the same closed loop that measures a cluster measures the library
 //! itself (`benches/embedded_throughput.rs`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ::kvnode::Node;
-use ::kvnode::consistency::{ReadOptions, SessionToken};
+use ::kvnode::consistency::ReadOptions;
 
-use super::{Level, LoadError, OpError, System, Target};
+use super::{Level, LoadError, OpError, Session, System, Target};
 
 /// A [`Node`] of this process under load; reads at one [`Level`].
 #[derive(Debug)]
@@ -15,9 +15,8 @@ pub struct EmbeddedTarget {
     node: Arc<Node>,
     level: Level,
     options: ReadOptions,
-    /// The load generator's session (session reads only): every acknowledged write is observed
-    /// into it, and every read carries it.
-    session: Option<Mutex<SessionToken>>,
+    /// The load generator's session (session reads only).
+    session: Option<Session>,
 }
 
 impl EmbeddedTarget {
@@ -40,43 +39,36 @@ impl EmbeddedTarget {
             node,
             level,
             options,
-            session: (level == Level::Session).then(|| Mutex::new(SessionToken::new())),
+            session: Session::for_level(level),
         })
     }
 }
 
 impl Target for EmbeddedTarget {
-    fn system(&self) -> System {
-        System::Kvnode
-    }
-
-    fn read_level(&self) -> Level {
-        self.level
-    }
-
-    async fn put(&self, key: &[u8], value: Vec<u8>) -> Result<(), OpError> {
-        let receipt = self.node.put(key, value).await?;
-        if let Some(token) = &self.session {
-            token
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .observe_write(&receipt);
-        }
-        Ok(())
-    }
-
     async fn get(&self, key: &[u8]) -> Result<(), OpError> {
         let options = match &self.session {
-            Some(token) => ReadOptions::session(
-                &token
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            ),
+            Some(session) => session.read_options(),
             None => self.options.clone(),
         };
         match self.node.get(key, &options).await?.value {
             Some(_) => Ok(()),
             None => Err(OpError::NotFound(String::from_utf8_lossy(key).into_owned())),
         }
+    }
+
+    async fn put(&self, key: &[u8], value: Vec<u8>) -> Result<(), OpError> {
+        let receipt = self.node.put(key, value).await?;
+        if let Some(session) = &self.session {
+            session.observe(&receipt);
+        }
+        Ok(())
+    }
+
+    fn read_level(&self) -> Level {
+        self.level
+    }
+
+    fn system(&self) -> System {
+        System::Kvnode
     }
 }

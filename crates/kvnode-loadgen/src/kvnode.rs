@@ -16,16 +16,15 @@
 //! - `session` reads use one session for the whole load generator: every acknowledged write
 //!   (the load phase's included) is observed into one shared token, and every read carries it.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tonic::Request;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{Level, LoadError, OpError, System, Target, error_chain};
+use super::{Level, LoadError, OpError, Session, System, Target, error_chain};
 use ::kvnode::client::{Client, ClientOptions};
-use ::kvnode::consistency::{ReadOptions, SessionToken};
+use ::kvnode::consistency::ReadOptions;
 use ::kvnode::pb::MAX_MESSAGE_BYTES;
 use ::kvnode::pb::convert;
 use ::kvnode::pb::kv::GetRequest;
@@ -39,7 +38,7 @@ pub struct KvnodeTarget {
     client: Client,
     reads: Reads,
     /// The load generator's session (session reads only).
-    session: Option<Mutex<SessionToken>>,
+    session: Option<Session>,
     timeout: Duration,
 }
 
@@ -121,19 +120,14 @@ impl KvnodeTarget {
             level,
             client,
             reads,
-            session: (level == Level::Session).then(|| Mutex::new(SessionToken::new())),
+            session: Session::for_level(level),
             timeout,
         })
     }
 
     fn wire_options(&self, fixed: &::kvnode::pb::kv::ReadOptions) -> ::kvnode::pb::kv::ReadOptions {
         match &self.session {
-            Some(token) => {
-                let token = token
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                convert::read_options_to_wire(&ReadOptions::session(&token))
-            }
+            Some(session) => convert::read_options_to_wire(&session.read_options()),
             None => fixed.clone(),
         }
     }
@@ -150,11 +144,8 @@ impl Target for KvnodeTarget {
 
     async fn put(&self, key: &[u8], value: Vec<u8>) -> Result<(), OpError> {
         let receipt = self.client.put(key, value).await?;
-        if let Some(token) = &self.session {
-            token
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .observe_write(&receipt);
+        if let Some(session) = &self.session {
+            session.observe(&receipt);
         }
         Ok(())
     }

@@ -335,6 +335,37 @@ pub enum LoadError {
     Task(String),
 }
 
+/// The load generator's one session, for `session` reads against kvnode (a cluster or an
+/// embedded node): every acknowledged write is observed into one shared token, and every read
+/// carries it.
+#[derive(Debug, Default)]
+pub(crate) struct Session(std::sync::Mutex<::kvnode::SessionToken>);
+
+impl Session {
+    /// A session if `level` is `session`.
+    pub(crate) fn for_level(level: Level) -> Option<Session> {
+        (level == Level::Session).then(Session::default)
+    }
+
+    /// Records an acknowledged write.
+    pub(crate) fn observe(&self, receipt: &::kvnode::WriteReceipt) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .observe_write(receipt);
+    }
+
+    /// Options for a read in this session.
+    pub(crate) fn read_options(&self) -> ::kvnode::ReadOptions {
+        ::kvnode::ReadOptions::session(
+            &self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
 /// A system under load: one write and one read, at the read level the target was made with.
 /// The driver calls both from many tasks at once.
 pub trait Target: Send + Sync + 'static {
