@@ -20,8 +20,8 @@
 //!
 //! Modules import downward only: [`storage`] knows nothing of Raft (it stores opaque bytes);
 //! [`raft`] adapts openraft to storage and is the only module that names openraft storage
-//! types; [`sharding`] and [`cluster`] are pure functions; [`shard`] runs one replica;
-//! [`router`] and [`node`] compose them; [`server`] and [`client`] put them on the wire
+//! types; [`sharding`] and `cluster` are pure functions; [`shard`] runs one replica;
+//! `router` and [`node`] compose them; [`server`] and [`client`] put them on the wire
 //! ([`pb`] is the only module that converts between wire and domain types, and
 //! [`pb::status`] the only one that maps errors to gRPC statuses; the client imports nothing
 //! from the server).
@@ -120,7 +120,7 @@
 //!
 //! Lease reads do use one: a leader serves them only inside openraft's lease less a margin
 //! for clock-rate drift, with any suspend of the machine since the last quorum
-//! acknowledgement counted against it ([`clock`]; `Instant` stops during a suspend).
+//! acknowledgement counted against it (`clock`; `Instant` stops during a suspend).
 //!
 //! ## Evidence: the fault tests
 //!
@@ -147,14 +147,14 @@
 //! | [`config`] | [`Config`]: one documented struct, defaults, `validate()` |
 //! | [`error`] | the public [`Error`]: definite or indeterminate, retryable or not |
 //! | [`sharding`] | key → shard: the consistent-hash ring (pure, property-tested) |
-//! | [`cluster`] | shard → replica set: rendezvous placement (pure, property-tested) |
+//! | `cluster` | shard → replica set: rendezvous placement (pure, property-tested) |
 //! | [`consistency`] | read levels, receipts, session tokens |
-//! | [`clock`] | time that counts suspends, and the lease rule |
+//! | `clock` | time that counts suspends, and the lease rule |
 //! | [`shard`] | one local replica: Raft group, write path, per-level read paths |
-//! | [`read_index`] | coalesced read-index rounds and the freshness proofs bounded reads use |
+//! | `read_index` | coalesced read-index rounds and the freshness proofs bounded reads use |
 //! | [`leadership`] | node-level leadership checks: one message per peer per round confirms every group's leader |
 //! | [`hibernation`] | idle groups' timers off, node-level pings, the rules that wake them |
-//! | [`router`] | key → shard → local replica |
+//! | `router` | key → shard → local replica |
 //! | [`node`] | composition root and the key-value API: [`Node`] |
 //! | [`reply`] | what the API returns |
 //! | [`peers`] | a node's channels to its peers (Raft and forwarding apart) and the node-level calls: ping, leadership confirmation, read index; test partitions |
@@ -179,15 +179,20 @@
 #![deny(missing_docs)]
 
 // The documented API is what an application uses: `Node`, `Config`, the read levels and
-// receipts, errors, the Rust `client`, the wire types (`pb`) and `server::serve`. Modules
-// marked `doc(hidden)` are internals, public only so that kvnode's own tests, benches and
-// tools can reach them; they carry no stability promise and may name openraft or sled types.
+// receipts, errors, the Rust `client`, the wire types (`pb`) and `server::serve`. Internals
+// that nothing outside the crate needs are `pub(crate)` (clock, cluster, read_index, router).
+// Modules marked `doc(hidden)` are internals that another package of the workspace or the
+// crate's own tests and benches reach, so they stay `pub`; they carry no stability promise and
+// may name openraft or sled types:
+// - `raft`, `storage`: the storage, WAL and crash tests (tests/storage, tests/crash), the
+//   replication tests, the hot_paths and wal_group_commit benches;
+// - `peers`: kvnode-testkit's in-process cluster (test partitions) and the transport test;
+// - `leadership`: the consistency test; `hibernation`, `shard`: kvnode-cli's cluster tests;
+// - `planted` (feature `planted-bugs` only): kvnode-cli's `kvnode` / `kvnode-planted` binaries.
 
 pub mod client;
-#[doc(hidden)]
-pub mod clock;
-#[doc(hidden)]
-pub mod cluster;
+pub(crate) mod clock;
+pub(crate) mod cluster;
 pub mod config;
 pub mod consistency;
 pub mod error;
@@ -204,11 +209,9 @@ pub mod peers;
 pub mod planted;
 #[doc(hidden)]
 pub mod raft;
-#[doc(hidden)]
-pub mod read_index;
+pub(crate) mod read_index;
 pub mod reply;
-#[doc(hidden)]
-pub mod router;
+pub(crate) mod router;
 pub mod server;
 #[doc(hidden)]
 pub mod shard;
