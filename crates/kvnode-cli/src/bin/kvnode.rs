@@ -20,7 +20,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Run a kvnode node.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+// `about` spelled out: it was the `kvnode` package's description while the binary lived in the
+// library's package, and `kvnode --help` says the same since the binary moved to kvnode-cli.
+#[command(
+    version,
+    about = "A sharded, Raft-replicated key-value store: embed it as a library, or run a cluster of kvnode processes.",
+    long_about = None
+)]
 struct Args {
     /// This node's id (unique in the cluster; never reuse the id of a node that lost its data).
     #[arg(long, default_value_t = 1)]
