@@ -14,7 +14,6 @@
 //!
 //! Run with `RUST_LOG=kvnode=info,openraft=warn` to see elections.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,6 +25,8 @@ use kvnode::raft::apply_stall::Stage;
 use kvnode::{Config, Error, GetReply, Node, ReadLevel, ReadOptions, SessionToken, WriteReceipt};
 use kvnode_testkit::LocalCluster;
 
+use crate::eventually;
+
 const CLUSTER: &str = "consistency-test";
 /// One shard: every key lives in shard 0, replicated on all three nodes.
 const SHARD: u64 = 0;
@@ -34,15 +35,6 @@ const HEARTBEAT_MS: u64 = 100;
 const ELECTION_MIN_MS: u64 = 400;
 const ELECTION_MAX_MS: u64 = 800;
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
-
-/// Polls `check` every 20 ms until it returns Some, or panics after `secs` seconds.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    kvnode_testkit::eventually(Duration::from_secs(secs), what, check).await
-}
 
 /// Three nodes, ids 1..=3, each on its own 127.0.0.1 port (the shared in-process harness).
 struct Cluster {

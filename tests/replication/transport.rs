@@ -4,7 +4,6 @@
 //! from another cluster, an unknown sender, a wrong shard, garbage, and damaged snapshots.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,17 +26,10 @@ use kvnode::storage::codec::encode_serde;
 use kvnode::{Config, Error, Node, ReadOptions};
 use kvnode_testkit::LocalCluster;
 
+use crate::eventually;
+
 const SHARDS: u64 = 4;
 const CLUSTER: &str = "transport-test";
-
-/// Polls `check` every 20 ms until it returns Some, or panics after `secs` seconds.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    kvnode_testkit::eventually(Duration::from_secs(secs), what, check).await
-}
 
 /// Three nodes (ids 1..=3) on fixed local ports, from the shared in-process harness.
 struct Cluster {
