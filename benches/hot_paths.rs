@@ -65,6 +65,9 @@ use kvnode::storage::{Store, StoreOptions, Wal, WalOptions};
 use kvnode::{Config, Node, ReadOptions};
 use tempfile::TempDir;
 
+#[allow(dead_code)]
+mod common;
+
 /// Value size of every put, stored value and WAL entry payload.
 const VALUE_BYTES: usize = 256;
 /// Key set of `apply` and `embedded`.
@@ -139,7 +142,7 @@ fn scratch() -> &'static Path {
             .map(PathBuf::from)
             .unwrap_or_else(|| target_dir().join("hot_paths-scratch"));
         std::fs::create_dir_all(&dir).expect("create the scratch directory");
-        let fs = fs_type(&dir).unwrap_or_else(|| "unknown filesystem".into());
+        let fs = common::fs_type(&dir).unwrap_or_else(|| "unknown filesystem".into());
         note(format!("scratch files in {} ({fs})", dir.display()));
         if fs.starts_with("tmpfs") {
             eprintln!(
@@ -156,19 +159,6 @@ fn temp_dir(prefix: &str) -> TempDir {
         .prefix(prefix)
         .tempdir_in(scratch())
         .expect("temp dir")
-}
-
-/// Filesystem type of `dir` per `df -T`, if that works here.
-fn fs_type(dir: &Path) -> Option<String> {
-    let out = std::process::Command::new("df")
-        .arg("-T")
-        .arg(dir)
-        .output()
-        .ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
-    let mut fields = text.lines().nth(1)?.split_whitespace();
-    let (device, fs) = (fields.next()?, fields.next()?);
-    Some(format!("{fs} on {device}"))
 }
 
 /// Lines printed with the ratio table (batching achieved, where files were, ...).

@@ -15,9 +15,7 @@
 //! latency columns).
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,64 +26,35 @@ use kvnode::consistency::{ReadOptions, ServedLevel, SessionToken};
 use kvnode::pb::convert;
 use kvnode::pb::kv::GetRequest;
 use kvnode::pb::kv::kv_client::KvClient;
+use kvnode_testkit::process_cluster::{ClusterOptions, ProcessCluster as Cluster};
 use tonic::transport::{Channel, Endpoint};
 
 const NODES: u64 = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+#[allow(dead_code)]
+mod common;
+
+/// Read throughput and latency of each read level on a local 3-node cluster.
+#[derive(clap::Parser)]
 struct Args {
+    /// Seconds per row.
+    #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    concurrency: usize,
-    shards: u32,
-    keys: u64,
-    value_bytes: usize,
+    #[command(flatten)]
+    load: common::LoadFlags,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
     json: Option<PathBuf>,
+    /// The kvnode binary (default: the release build in the target directory).
+    #[arg(long)]
     kvnode: Option<PathBuf>,
-    dir: Option<PathBuf>,
 }
 
 fn args() -> Args {
-    let mut a = Args {
-        seconds: 5.0,
-        concurrency: 64,
-        shards: 16,
-        keys: 1000,
-        value_bytes: 256,
-        json: None,
-        kvnode: None,
-        dir: None,
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let (flag, inline) = match argv[i].split_once('=') {
-            Some((f, v)) => (f.to_string(), Some(v.to_string())),
-            None => (argv[i].clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| {
-                    i += 1;
-                    argv.get(i).cloned()
-                })
-                .unwrap_or_default()
-        };
-        match flag.as_str() {
-            "--seconds" => a.seconds = value().parse().expect("--seconds"),
-            "--concurrency" => a.concurrency = value().parse().expect("--concurrency"),
-            "--shards" => a.shards = value().parse().expect("--shards"),
-            "--keys" => a.keys = value().parse().expect("--keys"),
-            "--value-bytes" => a.value_bytes = value().parse().expect("--value-bytes"),
-            "--json" => a.json = Some(PathBuf::from(value())),
-            "--kvnode" => a.kvnode = Some(PathBuf::from(value())),
-            "--dir" => a.dir = Some(PathBuf::from(value())),
-            _ => {} // cargo's own flags (--bench)
-        }
-        i += 1;
-    }
-    assert!(a.concurrency > 0, "--concurrency must be positive");
-    assert!(a.keys > 0, "--keys must be positive");
+    let a = <Args as clap::Parser>::parse();
+    assert!(a.load.concurrency > 0, "--concurrency must be positive");
+    assert!(a.load.keys > 0, "--keys must be positive");
     a
 }
 
@@ -102,162 +71,18 @@ fn kvnode_binary(a: &Args) -> PathBuf {
     target.join("release").join("kvnode")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-struct Proc {
-    id: u64,
-    child: Option<Child>,
-    addr: String,
-    log: PathBuf,
-}
-
-/// Three `kvnode` processes. Dropping it stops whatever still runs: SIGTERM and a short wait
-/// normally, SIGKILL at once while panicking (after printing the logs' tails).
-struct Cluster {
-    procs: Vec<Proc>,
-    dir: tempfile::TempDir,
-}
-
-fn sigterm(child: &Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-}
-
-impl Cluster {
-    fn start(bin: &PathBuf, shards: u32, parent: Option<&PathBuf>) -> anyhow::Result<Cluster> {
-        anyhow::ensure!(
-            bin.is_file(),
-            "{} not found: build it first with `cargo build --release --bin kvnode` \
-             (scripts/read-levels.sh does), or pass --kvnode PATH",
-            bin.display()
-        );
-        let dir = match parent {
-            Some(p) => tempfile::tempdir_in(p)?,
-            None => tempfile::tempdir()?,
-        };
-        let procs: Vec<Proc> = (1..=NODES)
-            .map(|id| Proc {
-                id,
-                child: None,
-                addr: format!("127.0.0.1:{}", free_port()),
-                log: dir.path().join(format!("node-{id}.log")),
-            })
-            .collect();
-        let peers = procs
-            .iter()
-            .map(|p| format!("{}={}", p.id, p.addr))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut cluster = Cluster { procs, dir };
-        for p in &mut cluster.procs {
-            let log = File::create(&p.log)?;
-            let child = Command::new(bin)
-                .args(["--id", &p.id.to_string(), "--peers", &peers])
-                .arg("--data-dir")
-                .arg(cluster.dir.path().join(format!("node-{}", p.id)))
-                .args(["--shards", &shards.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(log.try_clone()?))
-                .stderr(Stdio::from(log))
-                .spawn()?;
-            p.child = Some(child);
-        }
-        Ok(cluster)
-    }
-
-    fn seeds(&self) -> Vec<String> {
-        self.procs.iter().map(|p| p.addr.clone()).collect()
-    }
-
-    /// Fails if a node has already exited (a bad flag, a port taken).
-    fn check_running(&mut self) -> anyhow::Result<()> {
-        for p in &mut self.procs {
-            if let Some(child) = &mut p.child
-                && let Some(status) = child.try_wait()?
-            {
-                p.child = None;
-                anyhow::bail!("node {} exited early ({status})", p.id);
-            }
-        }
-        Ok(())
-    }
-
-    /// SIGTERM to every node, then waits for each to exit (SIGKILL after 20 s).
-    async fn stop(&mut self) -> Vec<(u64, Option<ExitStatus>)> {
-        for child in self.procs.iter().filter_map(|p| p.child.as_ref()) {
-            sigterm(child);
-        }
-        let mut exits = Vec::new();
-        for p in &mut self.procs {
-            let Some(mut child) = p.child.take() else {
-                continue;
-            };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let status = loop {
-                match child.try_wait() {
-                    Ok(Some(status)) => break Some(status),
-                    Ok(None) if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break None;
-                    }
-                }
-            };
-            exits.push((p.id, status));
-        }
-        exits
-    }
-
-    fn log_tails(&self) -> String {
-        self.procs
-            .iter()
-            .map(|p| {
-                let text = std::fs::read_to_string(&p.log).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                let start = lines.len().saturating_sub(20);
-                format!(
-                    "--- node {} ({}) ---\n{}",
-                    p.id,
-                    p.log.display(),
-                    lines[start..].join("\n")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let panicking = std::thread::panicking();
-        if panicking {
-            eprintln!("{}", self.log_tails());
-        }
-        for child in self.procs.iter_mut().filter_map(|p| p.child.as_mut()) {
-            if panicking {
-                let _ = child.kill();
-            } else {
-                sigterm(child);
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for mut child in self.procs.iter_mut().filter_map(|p| p.child.take()) {
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// The three `kvnode` processes (the workspace's one process harness, in kvnode-testkit).
+fn start_cluster(bin: &PathBuf, shards: u32, parent: Option<&PathBuf>) -> anyhow::Result<Cluster> {
+    anyhow::ensure!(
+        bin.is_file(),
+        "{} not found: build it first with `cargo build --release --bin kvnode` \
+         (scripts/read-levels.sh does), or pass --kvnode PATH",
+        bin.display()
+    );
+    let mut options = ClusterOptions::new(bin, NODES);
+    options.shards = shards;
+    options.parent_dir = parent.cloned();
+    Ok(Cluster::spawn(options)?)
 }
 
 /// Per shard: the node reporting itself leader, and the other replicas.
@@ -486,22 +311,22 @@ where
 {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        cluster.check_running()?;
+        cluster.check_running().map_err(anyhow::Error::msg)?;
         if let Some(v) = probe().await {
             return Ok(v);
         }
         anyhow::ensure!(
             Instant::now() < deadline,
             "timed out waiting until {what}:\n{}",
-            cluster.log_tails()
+            cluster.all_logs()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 async fn preload(client: &Client, a: &Args) -> anyhow::Result<SessionToken> {
-    let value = vec![b'v'; a.value_bytes];
-    let receipts: Vec<_> = futures::stream::iter(0..a.keys)
+    let value = vec![b'v'; a.load.value_bytes];
+    let receipts: Vec<_> = futures::stream::iter(0..a.load.keys)
         .map(|i| {
             let value = value.clone();
             async move {
@@ -517,7 +342,7 @@ async fn preload(client: &Client, a: &Args) -> anyhow::Result<SessionToken> {
                 Err(anyhow::anyhow!("preload put of key-{i}: {:?}", last))
             }
         })
-        .buffer_unordered(a.concurrency)
+        .buffer_unordered(a.load.concurrency)
         .collect()
         .await;
     let mut token = SessionToken::new();
@@ -552,10 +377,10 @@ fn json(a: &Args, rows: &[Row]) -> String {
     format!(
         "{{\"nodes\":{NODES},\"shards\":{},\"concurrency\":{},\"keys\":{},\"value_bytes\":{},\
          \"seconds\":{},\"cpus\":{},\"rows\":[\n  {}\n]}}\n",
-        a.shards,
-        a.concurrency,
-        a.keys,
-        a.value_bytes,
+        a.load.shards,
+        a.load.concurrency,
+        a.load.keys,
+        a.load.value_bytes,
         a.seconds,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         items.join(",\n  ")
@@ -566,7 +391,7 @@ fn json(a: &Args, rows: &[Row]) -> String {
 async fn main() -> anyhow::Result<()> {
     let a = args();
     let bin = kvnode_binary(&a);
-    let mut cluster = Cluster::start(&bin, a.shards, a.dir.as_ref())?;
+    let mut cluster = start_cluster(&bin, a.load.shards, a.load.dir.as_ref())?;
     let seeds = cluster.seeds();
     let client = wait_until("a node answers", &mut cluster, || async {
         Client::connect(seeds.clone()).await.ok()
@@ -574,12 +399,12 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let client = &client;
     wait_until("every shard has a leader", &mut cluster, || async {
-        placement(client, a.shards).await
+        placement(client, a.load.shards).await
     })
     .await?;
     let token = preload(client, &a).await?;
     let mut placement_now = wait_until("followers caught up", &mut cluster, || async {
-        let p = placement(client, a.shards).await?;
+        let p = placement(client, a.load.shards).await?;
         caught_up(client, &p).await.then_some(p)
     })
     .await?;
@@ -592,7 +417,7 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         grpc.insert(id, KvClient::new(channel));
     }
-    let keys: Vec<(Vec<u8>, u64)> = (0..a.keys)
+    let keys: Vec<(Vec<u8>, u64)> = (0..a.load.keys)
         .map(|i| {
             let key = format!("key-{i}").into_bytes();
             let shard = client.shard_for(&key);
@@ -607,14 +432,14 @@ async fn main() -> anyhow::Result<()> {
         "3-node local cluster (binary {}), {} shards (leaders per node: {}), {} in flight, \
          {} keys, {}-byte values, {} s per row, {} CPUs for the nodes and the load generator",
         bin.display(),
-        a.shards,
+        a.load.shards,
         led.iter()
             .map(|(n, c)| format!("n{n}={c}"))
             .collect::<Vec<_>>()
             .join(" "),
-        a.concurrency,
-        a.keys,
-        a.value_bytes,
+        a.load.concurrency,
+        a.load.keys,
+        a.load.value_bytes,
         a.seconds,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
@@ -654,7 +479,7 @@ async fn main() -> anyhow::Result<()> {
     for (level, options, asked) in levels {
         for via in [Via::Leader, Via::Follower] {
             // Leadership may have moved since the last row: route by the current placement.
-            if let Some(p) = placement(client, a.shards).await {
+            if let Some(p) = placement(client, a.load.shards).await {
                 placement_now = p;
             }
             let plan = Plan {
@@ -667,7 +492,7 @@ async fn main() -> anyhow::Result<()> {
                 grpc: grpc.clone(),
                 deadline: Instant::now() + Duration::from_secs_f64(a.seconds),
             };
-            let row = run(plan, level, a.concurrency).await;
+            let row = run(plan, level, a.load.concurrency).await;
             println!(
                 "{:<13} {:<9} {:>9.0} {:>8.2} {:>8.2} {:>9.2} {:>8.1}% {:>9.1}% {:>7}",
                 row.level,

@@ -11,58 +11,40 @@ use std::time::{Duration, Instant};
 use kvnode::storage::wal::Waiter;
 use kvnode::storage::{Wal, WalOptions};
 
+#[allow(dead_code)]
+mod common;
+
 /// Purge a shard's log up to `last - PURGE_EVERY` every `PURGE_EVERY` appends.
 const PURGE_EVERY: u64 = 1000;
 
+/// WAL group-commit throughput against a bare append + fdatasync loop.
+#[derive(clap::Parser)]
 struct Args {
+    /// Seconds per row.
+    #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Shard writer counts, one row each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 256])]
     shards: Vec<usize>,
+    /// Bytes per entry.
+    #[arg(long, default_value_t = 256)]
     entry_bytes: usize,
+    /// Entries per append.
+    #[arg(long, default_value_t = 1)]
     entries: usize,
+    /// Where the WAL directory is made.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
     json: Option<PathBuf>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
-
-#[rustfmt::skip]
-const FLAGS: [&str; 6] = ["--seconds", "--shards", "--entry-bytes", "--entries", "--dir", "--json"];
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        seconds: 3.0,
-        shards: vec![1, 16, 256],
-        entry_bytes: 256,
-        entries: 1,
-        dir: std::env::temp_dir(),
-        json: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
-            None => (arg, None),
-        };
-        if !FLAGS.contains(&flag.as_str()) {
-            continue; // e.g. `--bench`, which cargo passes
-        }
-        let value = inline
-            .or_else(|| it.next())
-            .unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--seconds" => args.seconds = num(&flag, &value),
-            "--shards" => args.shards = value.split(',').map(|s| num(&flag, s.trim())).collect(),
-            "--entry-bytes" => args.entry_bytes = num(&flag, &value),
-            "--entries" => args.entries = num(&flag, &value),
-            "--dir" => args.dir = PathBuf::from(&value),
-            _ => args.json = Some(PathBuf::from(&value)),
-        }
-    }
-    args
-}
-
-fn num<T: std::str::FromStr>(flag: &str, value: &str) -> T {
-    value
-        .parse()
-        .unwrap_or_else(|_| panic!("bad value for {flag}: {value:?}"))
+    <Args as clap::Parser>::parse()
 }
 
 /// One measured configuration; `shards == 0` is the bare append+fdatasync loop.
@@ -200,23 +182,10 @@ fn group_commit(dir: &Path, shards: usize, args: &Args, run: Duration) -> Row {
     }
 }
 
-/// Filesystem type of `dir` per `df -T`, if that works here.
-fn fs_type(dir: &Path) -> Option<String> {
-    let out = std::process::Command::new("df")
-        .arg("-T")
-        .arg(dir)
-        .output()
-        .ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
-    let mut fields = text.lines().nth(1)?.split_whitespace();
-    let (device, fs) = (fields.next()?, fields.next()?);
-    Some(format!("{fs} on {device}"))
-}
-
 fn main() {
     let args = parse_args();
     let run = Duration::from_secs_f64(args.seconds);
-    let fs = fs_type(&args.dir).unwrap_or_else(|| "unknown".into());
+    let fs = common::fs_type(&args.dir).unwrap_or_else(|| "unknown".into());
     println!(
         "WAL group commit: {} entr{} x {} B per append, one append in flight per shard, {} s per run, dir {} ({fs})",
         args.entries,

@@ -1,6 +1,6 @@
 //! Compiles `proto/*.proto` with tonic/prost. Uses the vendored `protoc` (no system protoc
-//! needed) unless `PROTOC` is already set. `etcd.proto` (the slice of etcd's API the load
-//! generator speaks) gets a client only.
+//! needed) unless `PROTOC` is already set. (etcd's proto, which only the load generator
+//! speaks, is compiled by `crates/kvnode-loadgen`.)
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
@@ -11,8 +11,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
         .compile_protos(&["proto/kv.proto", "proto/raft.proto"], &["proto"])?;
-    tonic_prost_build::configure()
-        .build_server(false)
-        .compile_protos(&["proto/etcd.proto"], &["proto"])?;
     Ok(())
 }

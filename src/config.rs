@@ -58,7 +58,7 @@ pub struct Config {
     /// How much earlier than openraft a leader gives up its lease (which lasts
     /// `election_timeout_max_ms` after a quorum acknowledgement), for clock-rate drift between
     /// nodes: a margin `m` tolerates followers' clocks running fast by up to
-    /// `m / (election_timeout_max_ms − m)` (see [`crate::clock`]). Unset: an eighth of
+    /// `m / (election_timeout_max_ms − m)` (see `crate::clock`). Unset: an eighth of
     /// `election_timeout_max_ms` (250 ms at the defaults, tolerating 14 %). A lease read
     /// outside the lease takes a quorum round and is served as linearizable.
     pub lease_margin_ms: Option<u64>,

@@ -38,6 +38,79 @@ pub enum ReadLevel {
     Eventual,
 }
 
+/// A read level that does not parse (see [`ReadLevel`]'s [`FromStr`](std::str::FromStr)).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseReadLevelError {
+    /// Not a level name.
+    #[error(
+        "unknown read level {0:?}: use linearizable, lease, session, bounded:DURATION \
+         (e.g. bounded:500ms) or eventual"
+    )]
+    Unknown(String),
+    /// `bounded:` with a bound that is not a positive duration.
+    #[error("bad read level {level:?}: {problem}")]
+    BadBound {
+        /// The level as given.
+        level: String,
+        /// What is wrong with the bound.
+        problem: String,
+    },
+}
+
+/// The one parser of read-level names, for every tool that takes a level on its command line
+/// (`kvctl get --level`, `kvctl bench --level`): `linearizable`, `lease`, `session` (a new,
+/// empty token), `bounded:DURATION` (e.g. `bounded:500ms`, see [`parse_duration`]; the bound
+/// must be positive; the fallback is linearizable) or `eventual`. Surrounding white space is
+/// ignored.
+impl std::str::FromStr for ReadLevel {
+    type Err = ParseReadLevelError;
+
+    fn from_str(s: &str) -> Result<ReadLevel, ParseReadLevelError> {
+        match s.trim() {
+            "linearizable" => Ok(ReadLevel::Linearizable),
+            "lease" => Ok(ReadLevel::Lease),
+            "session" => Ok(ReadLevel::Session(SessionToken::new())),
+            "eventual" => Ok(ReadLevel::Eventual),
+            other => match other.strip_prefix("bounded:") {
+                Some(bound) => {
+                    let bad = |problem: String| ParseReadLevelError::BadBound {
+                        level: s.to_string(),
+                        problem,
+                    };
+                    let max_staleness = parse_duration(bound).map_err(bad)?;
+                    if max_staleness.is_zero() {
+                        return Err(bad("the bound must be positive".to_string()));
+                    }
+                    Ok(ReadLevel::Bounded {
+                        max_staleness,
+                        fallback: Fallback::Linearizable,
+                    })
+                }
+                None => Err(ParseReadLevelError::Unknown(s.to_string())),
+            },
+        }
+    }
+}
+
+/// Parses a duration as the tools spell it: `500ms`, `2s`, `1m` (a bare number is
+/// milliseconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "ms"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 2s, 1m)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("unknown unit {unit:?} in {s:?} (use ms, s or m)")),
+    }
+}
+
 /// What a bounded-staleness read does when the replica cannot prove the bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fallback {
@@ -211,5 +284,29 @@ mod tests {
         assert_eq!(t.required(1), 4);
         assert_eq!(t.required(2), 0);
         assert_eq!(t.entries().collect::<Vec<_>>(), vec![(1, 4), (3, 10)]);
+    }
+
+    #[test]
+    fn read_levels_parse() {
+        assert_eq!("lease".parse::<ReadLevel>(), Ok(ReadLevel::Lease));
+        assert_eq!(" eventual ".parse::<ReadLevel>(), Ok(ReadLevel::Eventual));
+        assert_eq!(
+            "bounded:2s".parse::<ReadLevel>(),
+            Ok(ReadLevel::Bounded {
+                max_staleness: Duration::from_secs(2),
+                fallback: Fallback::Linearizable
+            })
+        );
+        assert!(matches!(
+            "bounded:0ms".parse::<ReadLevel>(),
+            Err(ParseReadLevelError::BadBound { .. })
+        ));
+        assert!(matches!(
+            "bounded".parse::<ReadLevel>(),
+            Err(ParseReadLevelError::Unknown(_))
+        ));
+        assert_eq!(parse_duration("250"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("1h").is_err());
     }
 }

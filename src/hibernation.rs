@@ -50,7 +50,7 @@
 //! openraft refuses writes on a leader whose lease lapsed, a write renews the lease with a
 //! quorum round before it is proposed (one round trip on the first request after an idle
 //! spell; `Shard::write`). A follower's bounded-staleness proofs come from read-index rounds
-//! ([`crate::read_index`]), not from heartbeats. What hibernation changes is failure detection: from per-group
+//! (`crate::read_index`), not from heartbeats. What hibernation changes is failure detection: from per-group
 //! heartbeats to per-node pings, with the same timeouts.
 //!
 //! That detection must see what a heartbeat would, in the direction a heartbeat travels. An

@@ -28,7 +28,7 @@
 //!    vote until the next election, and its applied state may be behind writes it acknowledged
 //!    before a power loss; it serves a read index again only after winning an election, with
 //!    an entry of the new term applied. (Planted bug `read-index-applied` keeps the applied
-//!    index alone, for the fault tester; `tests/consistency.rs` holds a leader's apply and
+//!    index alone, for the fault tester; `tests/replication/consistency.rs` holds a leader's apply and
 //!    shows the window deterministically.)
 //! 2. **A round that starts after the read's start** asks every other voter of the group
 //!    whether its stored vote is still `(T, L)`. Votes only grow, and a voter's stored vote

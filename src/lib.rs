@@ -20,8 +20,8 @@
 //!
 //! Modules import downward only: [`storage`] knows nothing of Raft (it stores opaque bytes);
 //! [`raft`] adapts openraft to storage and is the only module that names openraft storage
-//! types; [`sharding`] and [`cluster`] are pure functions; [`shard`] runs one replica;
-//! [`router`] and [`node`] compose them; [`server`] and [`client`] put them on the wire
+//! types; [`sharding`] and `cluster` are pure functions; [`shard`] runs one replica;
+//! `router` and [`node`] compose them; [`server`] and [`client`] put them on the wire
 //! ([`pb`] is the only module that converts between wire and domain types, and
 //! [`pb::status`] the only one that maps errors to gRPC statuses; the client imports nothing
 //! from the server).
@@ -113,22 +113,23 @@
 //! vote is still the leader's. A majority of yes proves no later leader existed when the read
 //! began (votes only grow, and the WAL's copy of a vote changes before it is granted); the
 //! read is served once the leader has applied its index. The module doc has the argument;
-//! the tests that hold a leader's apply or restart a leader (`tests/consistency.rs`), the
+//! the tests that hold a leader's apply or restart a leader (`tests/replication/consistency.rs`), the
 //! cluster test `a_deposed_leader_resumed_after_a_pause_does_not_serve_a_stale_linearizable_read`
 //! and the planted bugs `confirm-any-vote` and `read-index-applied` show each part matters.
 //! It uses no clock.
 //!
 //! Lease reads do use one: a leader serves them only inside openraft's lease less a margin
 //! for clock-rate drift, with any suspend of the machine since the last quorum
-//! acknowledgement counted against it ([`clock`]; `Instant` stops during a suspend).
+//! acknowledgement counted against it (`clock`; `Instant` stops during a suspend).
 //!
 //! ## Evidence: the fault tests
 //!
-//! The guarantees above are checked, not assumed: [`jepsen`] runs real processes under
+//! The guarantees above are checked, not assumed: `kvnode-jepsen` (`crates/kvnode-jepsen`,
+//! behind `kvctl jepsen`) runs real processes under
 //! partitions, kill -9 and SIGSTOP and checks the recorded history per level (linearizability
 //! for `lin`, `fri` and `lease`, the Δ bound for bounded reads, validity and convergence for
 //! eventual reads, session guarantees, no lost acknowledged writes). Test builds carry planted
-//! bugs (`planted`, the `planted-bugs` feature): `tests/jepsen_planted.rs` shows the Jepsen
+//! bugs (`planted`, the `planted-bugs` feature): `crates/kvnode-cli/tests/jepsen_planted.rs` shows the Jepsen
 //! checkers catch the first three, and the cluster test above catches `confirm-any-vote`;
 //! `.ci/run` runs a smoke campaign on every change.
 //!
@@ -146,14 +147,14 @@
 //! | [`config`] | [`Config`]: one documented struct, defaults, `validate()` |
 //! | [`error`] | the public [`Error`]: definite or indeterminate, retryable or not |
 //! | [`sharding`] | key → shard: the consistent-hash ring (pure, property-tested) |
-//! | [`cluster`] | shard → replica set: rendezvous placement (pure, property-tested) |
+//! | `cluster` | shard → replica set: rendezvous placement (pure, property-tested) |
 //! | [`consistency`] | read levels, receipts, session tokens |
-//! | [`clock`] | time that counts suspends, and the lease rule |
+//! | `clock` | time that counts suspends, and the lease rule |
 //! | [`shard`] | one local replica: Raft group, write path, per-level read paths |
-//! | [`read_index`] | coalesced read-index rounds and the freshness proofs bounded reads use |
+//! | `read_index` | coalesced read-index rounds and the freshness proofs bounded reads use |
 //! | [`leadership`] | node-level leadership checks: one message per peer per round confirms every group's leader |
 //! | [`hibernation`] | idle groups' timers off, node-level pings, the rules that wake them |
-//! | [`router`] | key → shard → local replica |
+//! | `router` | key → shard → local replica |
 //! | [`node`] | composition root and the key-value API: [`Node`] |
 //! | [`reply`] | what the API returns |
 //! | [`peers`] | a node's channels to its peers (Raft and forwarding apart) and the node-level calls: ping, leadership confirmation, read index; test partitions |
@@ -161,35 +162,44 @@
 //! | [`pb`] | generated gRPC code, the wire ↔ domain conversions, the error ↔ status mapping ([`pb::status`]), the message limit |
 //! | [`server`] | tonic services: client API with forwarding ([`server::kv`]), peer transport ([`server::raft`]) |
 //! | [`client`] | the Rust client: shard- and leader-aware, retries only what is safe |
-//! | [`jepsen`] | fault testing anyone can run (`kvctl jepsen run`): real `kvnode` processes, partitions (iptables in a private netns, or a TCP proxy), a seeded kill/pause/partition nemesis, workers recording a history at every read level, the checkers (per-key linearizability, per-level checks, lost writes), the report and timeline |
-//! | [`loadgen`] | the load generator behind `kvctl bench` and `scripts/bench.sh`: one closed-loop workload (load phase, warmup, measurement; HDR-histogram latencies, errors apart) against kvnode ([`loadgen::kvnode`]) or etcd over its own gRPC API ([`loadgen::etcd`], `proto/etcd.proto`), JSON results, and the side-by-side report with kvnode/etcd ratios, `bench.md` and `bench.svg` ([`loadgen::report`]) |
 //! | `planted` (hidden; `planted-bugs` feature, test builds only) | the `KVNODE_PLANTED_BUG` switch that makes [`shard`] commit a known consistency bug, so the Jepsen checkers can be shown to catch it |
-//! | `testing` (hidden) | an in-process cluster over real sockets with test partitions |
-//! | `bin/kvnode`, `bin/kvctl` | flags → [`Config`] → [`Node`] → serve; the CLI over [`client::Client`] |
+//!
+//! ## The workspace around the library
+//!
+//! This crate is the library and nothing else; the tools are other members of the workspace
+//! (`crates/`), so an application that depends on `kvnode` compiles none of them:
+//!
+//! | package | owns |
+//! |---|---|
+//! | `kvnode-cli` | the binaries: `kvnode` (flags → [`Config`] → [`Node`] → serve), `kvctl` (the CLI over [`client::Client`], plus `kvctl jepsen` and `kvctl bench`), the test-only `kvnode-planted`; and the end-to-end tests that run them as processes |
+//! | `kvnode-jepsen` | fault testing anyone can run (`kvctl jepsen run`): real `kvnode` processes, partitions (iptables in a private netns, or a TCP proxy), a seeded kill/pause/partition nemesis, workers recording a history at every read level, the checkers (per-key linearizability, per-level checks, lost writes), the report and timeline |
+//! | `kvnode-loadgen` | the load generator behind `kvctl bench` and `scripts/bench.sh`: one closed-loop workload against kvnode or etcd (over etcd's own gRPC API, its `proto/etcd.proto`), HDR-histogram latencies, JSON results, the side-by-side report |
+//! | `kvnode-testkit` | test support (a dev-dependency): an in-process cluster over real sockets with test partitions, `eventually`, the one seeded `Rng` |
 
 #![deny(missing_docs)]
 
 // The documented API is what an application uses: `Node`, `Config`, the read levels and
-// receipts, errors, the Rust `client`, the wire types (`pb`) and `server::serve`. Modules
-// marked `doc(hidden)` are internals, public only so that kvnode's own tests, benches and
-// tools can reach them; they carry no stability promise and may name openraft or sled types.
+// receipts, errors, the Rust `client`, the wire types (`pb`) and `server::serve`. Internals
+// that nothing outside the crate needs are `pub(crate)` (clock, cluster, read_index, router).
+// Modules marked `doc(hidden)` are internals that another package of the workspace or the
+// crate's own tests and benches reach, so they stay `pub`; they carry no stability promise and
+// may name openraft or sled types:
+// - `raft`, `storage`: the storage, WAL and crash tests (tests/storage, tests/crash), the
+//   replication tests, the hot_paths and wal_group_commit benches;
+// - `peers`: kvnode-testkit's in-process cluster (test partitions) and the transport test;
+// - `leadership`: the consistency test; `hibernation`, `shard`: kvnode-cli's cluster tests;
+// - `planted` (feature `planted-bugs` only): kvnode-cli's `kvnode` / `kvnode-planted` binaries.
 
 pub mod client;
-#[doc(hidden)]
-pub mod clock;
-#[doc(hidden)]
-pub mod cluster;
+pub(crate) mod clock;
+pub(crate) mod cluster;
 pub mod config;
 pub mod consistency;
 pub mod error;
 #[doc(hidden)]
 pub mod hibernation;
 #[doc(hidden)]
-pub mod jepsen;
-#[doc(hidden)]
 pub mod leadership;
-#[doc(hidden)]
-pub mod loadgen;
 pub mod node;
 pub mod pb;
 #[doc(hidden)]
@@ -199,19 +209,15 @@ pub mod peers;
 pub mod planted;
 #[doc(hidden)]
 pub mod raft;
-#[doc(hidden)]
-pub mod read_index;
+pub(crate) mod read_index;
 pub mod reply;
-#[doc(hidden)]
-pub mod router;
+pub(crate) mod router;
 pub mod server;
 #[doc(hidden)]
 pub mod shard;
 pub mod sharding;
 #[doc(hidden)]
 pub mod storage;
-#[doc(hidden)]
-pub mod testing;
 pub mod value;
 
 pub use config::Config;

@@ -46,9 +46,4 @@ impl Router {
     pub fn shards(&self) -> impl Iterator<Item = &Shard> {
         self.local.values()
     }
-
-    /// The ring.
-    pub fn ring(&self) -> &HashRing {
-        &self.ring
-    }
 }

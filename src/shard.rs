@@ -14,7 +14,7 @@
 //! - **session**: wait (at most one election timeout) until this replica has applied the
 //!   session token's index for the shard, then local state; else `Unavailable`;
 //! - **bounded staleness**: served locally when this replica's last read-index round (see
-//!   [`crate::read_index`]) is younger than the bound and applied, or when it leads within its
+//!   `crate::read_index`) is younger than the bound and applied, or when it leads within its
 //!   lease; otherwise the request's fallback applies: a linearizable read, or (fail-if-stale)
 //!   one proof round that must complete within the bound;
 //! - **eventual**: local state, no checks; the receipt bounds the staleness when a proof exists.

@@ -5,7 +5,7 @@
 
 pub mod placement;
 
-pub use placement::{PlacementError, replicas};
+pub use placement::replicas;
 
 /// Identifies a node (one `kvnode` process) in the cluster.
 pub type NodeId = u64;

@@ -22,15 +22,6 @@ pub mod raft {
     tonic::include_proto!("kvnode.raft.v1");
 }
 
-/// etcd's v3 KV service, client side only: the `Range` and `Put` calls the load generator
-/// ([`crate::loadgen::etcd`]) makes, with etcd's own package, names and field numbers
-/// (`proto/etcd.proto`).
-#[allow(missing_docs, clippy::all)]
-#[doc(hidden)]
-pub mod etcd {
-    tonic::include_proto!("etcdserverpb");
-}
-
 /// Conversions between wire (`kv`) and domain types.
 pub mod convert {
     use std::time::Duration;

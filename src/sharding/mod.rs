@@ -1,7 +1,7 @@
 //! Key → shard mapping. This module owns the hash of a key ([`key_hash`]) and the
 //! consistent-hash ring ([`HashRing`]) that assigns every key hash to one of a fixed set of
 //! shards. Which nodes hold a shard is a separate question, answered by
-//! [`crate::cluster::placement`].
+//! `crate::cluster::placement`.
 
 pub mod ring;
 

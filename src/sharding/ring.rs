@@ -114,27 +114,12 @@ fn point(shard: ShardId, vnode: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvnode_testkit::Rng;
     use proptest::prelude::*;
 
-    /// A tiny deterministic RNG (splitmix64) for generating test keys.
-    struct SplitMix64(u64);
-
-    impl SplitMix64 {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
-        /// A random 16-byte key.
-        fn key(&mut self) -> [u8; 16] {
-            let mut k = [0u8; 16];
-            k[..8].copy_from_slice(&self.next_u64().to_le_bytes());
-            k[8..].copy_from_slice(&self.next_u64().to_le_bytes());
-            k
-        }
+    /// A random 16-byte key.
+    fn random_key(rng: &mut Rng) -> Vec<u8> {
+        rng.bytes(16)
     }
 
     const KEYS: usize = 1_000_000;
@@ -143,9 +128,9 @@ mod tests {
     /// shard's share from `1 / shards`.
     fn max_spread_deviation(ring: &HashRing, seed: u64) -> f64 {
         let mut counts = vec![0u64; ring.shard_count() as usize];
-        let mut rng = SplitMix64(seed);
+        let mut rng = Rng::new(seed);
         for _ in 0..KEYS {
-            counts[ring.shard_for(&rng.key()) as usize] += 1;
+            counts[ring.shard_for(&random_key(&mut rng)) as usize] += 1;
         }
         let expected = KEYS as f64 / f64::from(ring.shard_count());
         counts
@@ -209,10 +194,10 @@ mod tests {
         for n in [4u32, 16, 63] {
             let old = HashRing::with_shards(n).expect("valid ring");
             let new = HashRing::with_shards(n + 1).expect("valid ring");
-            let mut rng = SplitMix64(0xA11C_E000 + u64::from(n));
+            let mut rng = Rng::new(0xA11C_E000 + u64::from(n));
             let mut moved = 0u64;
             for _ in 0..KEYS {
-                let key = rng.key();
+                let key = random_key(&mut rng);
                 let (a, b) = (old.shard_for(&key), new.shard_for(&key));
                 if a != b {
                     assert_eq!(b, u64::from(n), "key moved from {a} to old shard {b}");
@@ -242,9 +227,9 @@ mod tests {
         fn growing_moves_keys_only_to_the_new_shard_prop(n in 1u32..100, seed in any::<u64>()) {
             let old = HashRing::with_shards(n).expect("valid ring");
             let new = HashRing::with_shards(n + 1).expect("valid ring");
-            let mut rng = SplitMix64(seed);
+            let mut rng = Rng::new(seed);
             for _ in 0..2000 {
-                let key = rng.key();
+                let key = random_key(&mut rng);
                 let (a, b) = (old.shard_for(&key), new.shard_for(&key));
                 prop_assert!(a == b || b == u64::from(n), "key moved from {} to {}", a, b);
             }

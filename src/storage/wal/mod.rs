@@ -46,7 +46,7 @@
 //! purge that freed it is durable, a power loss in between would leave the first surviving
 //! checkpoint's older log start with its entries gone: the log refuses to open ("entries
 //! missing"), or a shard whose entries were all purged comes back empty and unpurged, its log
-//! regressed (`tests/wal.rs`, `a_power_loss_after_*`).
+//! regressed (`tests/storage/wal.rs`, `a_power_loss_after_*`).
 //!
 //! The directory: recovery refuses a hole in the segment ids, so deletions are serialized
 //! (`Shared::gc`) and go oldest first, one unlink then one directory fsync at a time: whatever

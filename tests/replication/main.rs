@@ -1,0 +1,19 @@
+//! Replication over real sockets with in-process nodes, one test binary: the peer transport
+//! (`transport`), forwarding (`forwarding`), and the read levels under partitions and held
+//! applies (`consistency`).
+
+mod consistency;
+mod forwarding;
+mod transport;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Polls `check` every 20 ms until it returns Some, or panics after `secs` seconds.
+async fn eventually<T, F, Fut>(secs: u64, what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    kvnode_testkit::eventually(Duration::from_secs(secs), what, check).await
+}
