@@ -25,7 +25,9 @@
 //!   applied is followed, within the window, by a read of the same key on the leader.
 //!
 //! Runs use `--net auto`: iptables in a private network namespace as root, the TCP proxy
-//! otherwise. Run folders are kept under the test target's tmp dir (printed on failure).
+//! otherwise. Either way they run in parallel on the default ports: the namespace is the run's
+//! own, and the proxy takes its ports from the kernel. Run folders are kept under the test
+//! target's tmp dir (printed on failure).
 //!
 //! Last, the runner's settling step before the final reads, on its own: no write whose client
 //! gave up may still take effect once the final phase begins.
@@ -74,7 +76,7 @@ const APPLY_LAG: [&str; 12] = [
 
 /// `options` add to the flags every campaign has (30 s, faults held ~4 s): the nemesis and
 /// `--levels` at least.
-fn campaign(name: &str, base_port: u16, bug: Option<&str>, options: &[&str], seed: u64) -> Outcome {
+fn campaign(name: &str, bug: Option<&str>, options: &[&str], seed: u64) -> Outcome {
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("jepsen-{name}"));
     let mut command = Command::new(env!("CARGO_BIN_EXE_kvctl"));
     command
@@ -86,8 +88,7 @@ fn campaign(name: &str, base_port: u16, bug: Option<&str>, options: &[&str], see
         .arg(&out)
         .args(["--time", "30s", "--interval", "4s"])
         .args(options)
-        .args(["--seed", &seed.to_string()])
-        .args(["--base-port", &base_port.to_string()]);
+        .args(["--seed", &seed.to_string()]);
     if let Some(bug) = bug {
         command.args(["--planted-bug", bug]);
     }
@@ -169,19 +170,13 @@ fn assert_passes(o: &Outcome) {
 #[test]
 fn with_no_bug_planted_the_same_campaign_passes_and_rechecks_the_same_offline() {
     let levels = ["--levels", "lin,lease,session,bst:500,ev"];
-    let o = campaign(
-        "control",
-        18000,
-        None,
-        &[&PARTITIONS[..], &levels].concat(),
-        11,
-    );
+    let o = campaign("control", None, &[&PARTITIONS[..], &levels].concat(), 11);
     assert_passes(&o);
 }
 
 #[test]
 fn with_no_bug_planted_the_apply_lag_campaign_passes() {
-    let o = campaign("apply-lag-control", 19000, None, &APPLY_LAG, 16);
+    let o = campaign("apply-lag-control", None, &APPLY_LAG, 16);
     let lagged = number_after(&o.report, "leader replicas held, ");
     assert!(
         lagged >= 3,
@@ -194,7 +189,6 @@ fn with_no_bug_planted_the_apply_lag_campaign_passes() {
 /// Runs `bug`'s campaign until the bug was exercised `exercise` times and asserts it was,
 /// that the campaign fails, and that at least one of `checks` fails.
 fn assert_caught(
-    base_port: u16,
     bug: &str,
     options: &[&str],
     (seed, exercise): (u64, u64),
@@ -203,13 +197,7 @@ fn assert_caught(
 ) {
     let exercise_flag = ["--exercise".to_string(), exercise.to_string()];
     let exercise_flag: Vec<&str> = exercise_flag.iter().map(String::as_str).collect();
-    let o = campaign(
-        bug,
-        base_port,
-        Some(bug),
-        &[options, &exercise_flag].concat(),
-        seed,
-    );
+    let o = campaign(bug, Some(bug), &[options, &exercise_flag].concat(), seed);
     let exercised = number_after(&o.report, &format!("planted bug {bug}: exercised "));
     println!("{bug}: exercised {exercised} times (seed {seed})");
     assert!(
@@ -236,7 +224,6 @@ fn assert_caught(
 #[test]
 fn a_follower_serving_linearizable_reads_locally_is_caught() {
     assert_caught(
-        18200,
         "follower-local-read",
         &[&PARTITIONS[..], &["--levels", "lin"]].concat(),
         (12, 10),
@@ -256,7 +243,6 @@ fn a_leader_serving_reads_without_confirming_leadership_is_caught() {
         "6",
     ];
     assert_caught(
-        18400,
         "leader-no-confirm",
         &[&PARTITIONS[..], &options].concat(),
         (13, 10),
@@ -284,7 +270,6 @@ fn acknowledging_uncommitted_writes_is_caught() {
         "4",
     ];
     assert_caught(
-        18600,
         "ack-uncommitted",
         &options,
         (14, 3),
@@ -296,7 +281,6 @@ fn acknowledging_uncommitted_writes_is_caught() {
 #[test]
 fn a_leader_whose_apply_lags_its_commit_serving_its_applied_index_is_caught() {
     assert_caught(
-        18800,
         "read-index-applied",
         &APPLY_LAG,
         (15, 10),
@@ -321,9 +305,7 @@ async fn no_indeterminate_write_lands_after_the_final_phase_begins() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("jepsen-settle");
     let _ = std::fs::remove_dir_all(&dir);
     let ids = [1, 2, 3];
-    let net = Net::new(NetKind::Proxy, &ids, 19200)
-        .await
-        .expect("proxies");
+    let net = Net::new(NetKind::Proxy, &ids, None).await.expect("proxies");
     let cluster = ClusterSpec {
         binary: env!("CARGO_BIN_EXE_kvnode").into(),
         cluster_id: "settle".into(),

@@ -5,6 +5,15 @@
 //! unprivileged blackholing TCP proxy per directed link).
 //!
 //! Clients always connect to a node's [`Net::listen_addr`] directly: only peer links are cut.
+//!
+//! **Ports.** A proxy-mode run shares the host's loopback with everything else on the machine
+//! (other runs, tests running in parallel), so it uses no fixed port range: the kernel picks
+//! every port. Each node's listen port is held by a [`PortReservation`] for the [`Net`]'s
+//! lifetime (the node binds the same port; a node restarted after a kill finds it free again,
+//! and nobody else can take it in between), and each link's proxy listens on `127.0.0.1:0`
+//! (the harness's own listener, so it simply keeps the port it got). In netns mode every node
+//! listens on one fixed port, [`NETNS_DEFAULT_PORT`] unless the caller picks another, on its
+//! own loopback alias: the namespace is the run's own, so nothing else can hold that port.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -19,6 +28,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
+use kvnode_testkit::ports::PortReservation;
+
 /// The environment variable the harness sets (to `"1"`) in the process it re-executes under
 /// `unshare -n`, so that the child knows it owns a private network namespace.
 pub const NETNS_ENV: &str = "KVNODE_JEPSEN_NETNS";
@@ -27,8 +38,8 @@ pub const NETNS_ENV: &str = "KVNODE_JEPSEN_NETNS";
 const NETNS_IP_OFFSET: u64 = 10;
 /// Largest node id usable in netns mode (`127.0.0.254`).
 const NETNS_MAX_NODE: u64 = 244;
-/// Largest node id usable in proxy mode (proxy ports are `base + 100 + 10 i + j`).
-const PROXY_MAX_NODE: u64 = 9;
+/// The port every node listens on in netns mode when the caller picks none.
+pub const NETNS_DEFAULT_PORT: u16 = 17400;
 /// Bytes a proxy moves per read.
 const PROXY_CHUNK: usize = 16 * 1024;
 
@@ -74,15 +85,23 @@ pub enum NetError {
         /// The error from spawning it.
         source: io::Error,
     },
-    /// A proxy listener could not bind its port.
+    /// A proxy listener could not bind a port (or tell which one it got).
     #[error("cannot listen on {addr}: {source}")]
     Bind {
-        /// The address.
+        /// The address asked for (`127.0.0.1:0`).
         addr: SocketAddr,
-        /// The error from `bind`.
+        /// The error from `bind` or `local_addr`.
         source: io::Error,
     },
-    /// The node ids or base port do not fit this kind of network.
+    /// No loopback port could be reserved for a node (proxy mode).
+    #[error("cannot reserve a loopback port for node {node}: {source}")]
+    Reserve {
+        /// The node.
+        node: u64,
+        /// The error from reserving it.
+        source: io::Error,
+    },
+    /// The node ids or the port do not fit this kind of network.
     #[error("{kind}: {problem}")]
     Layout {
         /// The network kind.
@@ -111,99 +130,116 @@ pub enum NetError {
 
 /// The network of a test cluster: addresses, and the cuts currently in force.
 ///
-/// Dropping it stops every proxy task (and closes every proxied connection). Netns rules
-/// are not removed on drop: they die with the namespace; call [`Net::heal`] to clear them.
+/// Dropping it stops every proxy task (and closes every proxied connection) and gives the
+/// nodes' reserved ports back. Netns rules are not removed on drop: they die with the
+/// namespace; call [`Net::heal`] to clear them.
 #[derive(Debug)]
 pub struct Net {
-    kind: NetKind,
     nodes: BTreeSet<u64>,
-    base_port: u16,
-    /// Proxy mode: the cut flag of each directed link (`true` = blackholed).
-    links: BTreeMap<(u64, u64), watch::Sender<bool>>,
-    /// Proxy mode: one acceptor task per link; each owns its connections' tasks.
-    tasks: Vec<AbortHandle>,
+    layout: Layout,
     /// The cuts in force; the lock also serializes changes.
     cuts: Mutex<BTreeSet<(u64, u64)>>,
 }
 
+/// Where the nodes listen and how their links run, per [`NetKind`].
+#[derive(Debug)]
+enum Layout {
+    /// Node `i` listens on `127.0.0.(10+i):port`.
+    Netns { port: u16 },
+    /// Nodes and proxies on kernel-chosen loopback ports (see the module doc).
+    Proxy {
+        /// Each node's listen port, held until the `Net` is dropped, so that a node killed
+        /// and restarted binds it again and no other process takes it in between.
+        nodes: BTreeMap<u64, PortReservation>,
+        /// The proxy of each directed link `(from, to)`.
+        links: BTreeMap<(u64, u64), Link>,
+    },
+}
+
+/// One directed link's proxy (proxy mode).
+#[derive(Debug)]
+struct Link {
+    /// Where it listens: the `from` node's `--peers` entry for `to`.
+    addr: SocketAddr,
+    /// Its cut flag (`true` = blackholed).
+    cut: watch::Sender<bool>,
+    /// Its acceptor task, which owns its connections' tasks.
+    task: AbortHandle,
+}
+
 impl Net {
-    /// Sets up the network of a cluster of `nodes` (ids `1..=n`), using ports from
-    /// `base_port`.
+    /// Sets up the network of a cluster of `nodes` (ids `1..=n`).
     ///
-    /// - Netns: node `i` listens on `127.0.0.(10+i):base_port` (the same port, distinct IPs;
-    ///   all of 127/8 routes over `lo`, so no `ip addr add` is needed). The caller has already
-    ///   entered a private network namespace ([`in_private_netns`], else
-    ///   [`NetError::NotInPrivateNetns`]); this runs `ip link set lo up`, checks that
-    ///   `iptables -w -L -n` works, and flushes `INPUT`. Node ids up to 244.
-    /// - Proxy: node `i` listens on `127.0.0.1:(base_port + i)`; for every ordered pair
-    ///   `(i, j)`, `i != j`, a TCP proxy listens on `127.0.0.1:(base_port + 100 + 10 i + j)`
-    ///   and forwards to node `j`, and node `i`'s `--peers` entry for `j` points at it. Node
-    ///   ids up to 9. Must be called inside a tokio runtime (it spawns the proxies).
-    pub async fn new(kind: NetKind, nodes: &[u64], base_port: u16) -> Result<Net, NetError> {
-        let layout = |problem: String| NetError::Layout { kind, problem };
+    /// - Netns: node `i` listens on `127.0.0.(10+i):port`, where `port` is `base_port`, or
+    ///   [`NETNS_DEFAULT_PORT`] if `None` (the same port, distinct IPs; all of 127/8 routes
+    ///   over `lo`, so no `ip addr add` is needed). The caller has already entered a private
+    ///   network namespace ([`in_private_netns`], else [`NetError::NotInPrivateNetns`]); this
+    ///   runs `ip link set lo up`, checks that `iptables -w -L -n` works, and flushes `INPUT`.
+    ///   Node ids up to 244.
+    /// - Proxy: `base_port` must be `None`: the kernel picks every port (see the module doc).
+    ///   Node `i` listens on a reserved `127.0.0.1` port; for every ordered pair `(i, j)`,
+    ///   `i != j`, a TCP proxy listens on a port of its own and forwards to node `j`, and node
+    ///   `i`'s `--peers` entry for `j` points at it. Must be called inside a tokio runtime (it
+    ///   spawns the proxies).
+    pub async fn new(
+        kind: NetKind,
+        nodes: &[u64],
+        base_port: Option<u16>,
+    ) -> Result<Net, NetError> {
+        let layout_error = |problem: String| NetError::Layout { kind, problem };
         let node_set: BTreeSet<u64> = nodes.iter().copied().collect();
         if node_set.is_empty() {
-            return Err(layout("no nodes".into()));
+            return Err(layout_error("no nodes".into()));
         }
-        if base_port == 0 {
-            return Err(layout("base port 0 is not a port".into()));
-        }
-        let max = match kind {
-            NetKind::Netns => NETNS_MAX_NODE,
-            NetKind::Proxy => PROXY_MAX_NODE,
+        // Netns: the id is the last octet of the node's alias, less 10. Proxy: any id but 0
+        // (kernel-chosen ports leave no other limit).
+        let (max, range) = match kind {
+            NetKind::Netns => (NETNS_MAX_NODE, format!("1..={NETNS_MAX_NODE}")),
+            NetKind::Proxy => (u64::MAX, "1..".to_string()),
         };
         if let Some(bad) = node_set.iter().find(|n| **n == 0 || **n > max) {
-            return Err(layout(format!("node id {bad} is not in 1..={max}")));
+            return Err(layout_error(format!("node id {bad} is not in {range}")));
         }
-        let mut net = Net {
-            kind,
-            nodes: node_set,
-            base_port,
-            links: BTreeMap::new(),
-            tasks: Vec::new(),
-            cuts: Mutex::new(BTreeSet::new()),
-        };
-        match kind {
+        let layout = match kind {
             NetKind::Netns => {
+                let port = base_port.unwrap_or(NETNS_DEFAULT_PORT);
+                if port == 0 {
+                    return Err(layout_error("port 0 is not a port".into()));
+                }
                 if !in_private_netns() {
                     return Err(NetError::NotInPrivateNetns);
                 }
                 run(&["ip", "link", "set", "lo", "up"]).await?;
                 run(&["iptables", "-w", "-L", "-n"]).await?;
-                net.heal().await?;
+                Layout::Netns { port }
             }
             NetKind::Proxy => {
-                if base_port.checked_add(199).is_none() {
-                    return Err(layout(format!(
-                        "base port {base_port} leaves no room for the proxy ports \
-                         (base + 100 ..= base + 199)"
+                if let Some(port) = base_port {
+                    return Err(layout_error(format!(
+                        "the proxy takes every port from the kernel; a fixed port ({port}) is \
+                         for netns mode only"
                     )));
                 }
-                let pairs: Vec<(u64, u64)> = net
-                    .nodes
-                    .iter()
-                    .flat_map(|&i| net.nodes.iter().map(move |&j| (i, j)))
-                    .filter(|(i, j)| i != j)
-                    .collect();
-                for (i, j) in pairs {
-                    let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), net.proxy_port(i, j));
-                    let listener = TcpListener::bind(addr)
-                        .await
-                        .map_err(|source| NetError::Bind { addr, source })?;
-                    let (cut_tx, cut_rx) = watch::channel(false);
-                    let target = net.listen_addr(j);
-                    let task = tokio::spawn(accept_loop(listener, target, cut_rx));
-                    net.links.insert((i, j), cut_tx);
-                    net.tasks.push(task.abort_handle());
-                }
+                proxy_layout(&node_set).await?
             }
+        };
+        let net = Net {
+            nodes: node_set,
+            layout,
+            cuts: Mutex::new(BTreeSet::new()),
+        };
+        if kind == NetKind::Netns {
+            net.heal().await?;
         }
         Ok(net)
     }
 
     /// How links are cut.
     pub fn kind(&self) -> NetKind {
-        self.kind
+        match self.layout {
+            Layout::Netns { .. } => NetKind::Netns,
+            Layout::Proxy { .. } => NetKind::Proxy,
+        }
     }
 
     /// The node ids.
@@ -217,12 +253,9 @@ impl Net {
     /// If `node` was not given to [`Net::new`].
     pub fn listen_addr(&self, node: u64) -> SocketAddr {
         self.check_node(node);
-        match self.kind {
-            NetKind::Netns => SocketAddr::new(netns_ip(node), self.base_port),
-            // Fits: new() checked node <= 9 and base + 199 <= u16::MAX.
-            NetKind::Proxy => {
-                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), self.base_port + node as u16)
-            }
+        match &self.layout {
+            Layout::Netns { port } => SocketAddr::new(netns_ip(node), *port),
+            Layout::Proxy { nodes, .. } => nodes[&node].addr(),
         }
     }
 
@@ -236,10 +269,8 @@ impl Net {
         self.nodes
             .iter()
             .map(|&j| {
-                let addr = match self.kind {
-                    NetKind::Proxy if j != node => {
-                        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), self.proxy_port(node, j))
-                    }
+                let addr = match &self.layout {
+                    Layout::Proxy { links, .. } if j != node => links[&(node, j)].addr,
                     _ => self.listen_addr(j),
                 };
                 (j, addr.to_string())
@@ -254,9 +285,9 @@ impl Net {
     /// If `node` was not given to [`Net::new`].
     pub fn source_ip(&self, node: u64) -> Option<IpAddr> {
         self.check_node(node);
-        match self.kind {
-            NetKind::Netns => Some(netns_ip(node)),
-            NetKind::Proxy => None,
+        match self.layout {
+            Layout::Netns { .. } => Some(netns_ip(node)),
+            Layout::Proxy { .. } => None,
         }
     }
 
@@ -292,8 +323,8 @@ impl Net {
             }
         }
         let mut current = self.cuts.lock().await;
-        match self.kind {
-            NetKind::Netns => {
+        match &self.layout {
+            Layout::Netns { .. } => {
                 // Forget the old cuts first: if a command fails half way, the state is unknown
                 // and the next cut or heal starts with a flush anyway.
                 current.clear();
@@ -306,9 +337,9 @@ impl Net {
                     .await?;
                 }
             }
-            NetKind::Proxy => {
-                for (link, flag) in &self.links {
-                    flag.send_replace(cuts.contains(link));
+            Layout::Proxy { links, .. } => {
+                for (pair, link) in links {
+                    link.cut.send_replace(cuts.contains(pair));
                 }
             }
         }
@@ -327,46 +358,55 @@ impl Net {
     }
 
     /// Stops every proxy task and closes every proxied connection (also done on drop). The
-    /// addresses stay valid; nothing is forwarded any more.
+    /// addresses stay valid (the nodes' ports stay reserved); nothing is forwarded any more.
     pub fn shutdown(&mut self) {
-        for task in self.tasks.drain(..) {
-            task.abort();
+        if let Layout::Proxy { links, .. } = &self.layout {
+            for link in links.values() {
+                link.task.abort();
+            }
         }
     }
 
-    /// One line for the report, e.g. `netns+iptables: private network namespace, per-pair
-    /// DROP on INPUT between 127.0.0.11-13, port 7000`.
+    /// One line for the report, saying where everything listens, e.g. `netns+iptables:
+    /// private network namespace, per-pair DROP on INPUT between 127.0.0.11-13, port 17400`,
+    /// or `tcp-proxy: nodes on 127.0.0.1 ports 1:41003 2:38211 3:40877, a blackholing proxy
+    /// per directed link on 127.0.0.1 ports 1→2:35122 1→3:…; …` (proxy ports are the
+    /// kernel's choice, so they are listed one by one).
     pub fn describe(&self) -> String {
-        let first = *self
-            .nodes
-            .first()
-            .expect("new() refuses an empty node list");
-        let last = *self.nodes.last().expect("new() refuses an empty node list");
-        match self.kind {
-            NetKind::Netns => format!(
-                "{}: private network namespace, per-pair DROP on INPUT between 127.0.0.{}-{}, \
-                 port {}",
-                self.kind,
-                NETNS_IP_OFFSET + first,
-                NETNS_IP_OFFSET + last,
-                self.base_port
-            ),
-            NetKind::Proxy => format!(
-                "{}: nodes on 127.0.0.1:{}-{}, a blackholing proxy per directed link on \
-                 127.0.0.1:{}-{}; a one-way cut stops the whole connection (requests and \
-                 responses share it)",
-                self.kind,
-                self.listen_addr(first).port(),
-                self.listen_addr(last).port(),
-                self.base_port + 100,
-                self.base_port + 199,
-            ),
+        match &self.layout {
+            Layout::Netns { port } => {
+                let first = *self
+                    .nodes
+                    .first()
+                    .expect("new() refuses an empty node list");
+                let last = *self.nodes.last().expect("new() refuses an empty node list");
+                format!(
+                    "{}: private network namespace, per-pair DROP on INPUT between \
+                     127.0.0.{}-{}, port {port}",
+                    self.kind(),
+                    NETNS_IP_OFFSET + first,
+                    NETNS_IP_OFFSET + last,
+                )
+            }
+            Layout::Proxy { nodes, links } => {
+                let nodes: Vec<String> = nodes
+                    .iter()
+                    .map(|(node, port)| format!("{node}:{}", port.addr().port()))
+                    .collect();
+                let links: Vec<String> = links
+                    .iter()
+                    .map(|((from, to), link)| format!("{from}→{to}:{}", link.addr.port()))
+                    .collect();
+                format!(
+                    "{}: nodes on 127.0.0.1 ports {}, a blackholing proxy per directed link on \
+                     127.0.0.1 ports {}; a one-way cut stops the whole connection (requests \
+                     and responses share it)",
+                    self.kind(),
+                    nodes.join(" "),
+                    links.join(" "),
+                )
+            }
         }
-    }
-
-    /// The proxy port of link `from → to` (proxy mode; both ids checked by `new`).
-    fn proxy_port(&self, from: u64, to: u64) -> u16 {
-        self.base_port + 100 + 10 * from as u16 + to as u16
     }
 
     fn check_node(&self, node: u64) {
@@ -426,6 +466,47 @@ fn on_path(program: &str) -> bool {
         candidate
             .metadata()
             .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// Proxy mode's layout: a reserved port per node, then a proxy per directed link, on a port
+/// the kernel picks, forwarding to the node it leads to (see the module doc). Every listener
+/// is bound before any proxy task is spawned, so a failure leaves no task behind.
+async fn proxy_layout(nodes: &BTreeSet<u64>) -> Result<Layout, NetError> {
+    let ports = nodes
+        .iter()
+        .map(|&node| {
+            PortReservation::new()
+                .map(|port| (node, port))
+                .map_err(|source| NetError::Reserve { node, source })
+        })
+        .collect::<Result<BTreeMap<u64, PortReservation>, NetError>>()?;
+    let any = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0);
+    let bind_error = |source| NetError::Bind { addr: any, source };
+    let mut listeners = Vec::new();
+    for &from in nodes {
+        for &to in nodes.iter().filter(|&&to| to != from) {
+            let listener = TcpListener::bind(any).await.map_err(bind_error)?;
+            let addr = listener.local_addr().map_err(bind_error)?;
+            listeners.push(((from, to), listener, addr));
+        }
+    }
+    let links = listeners
+        .into_iter()
+        .map(|((from, to), listener, addr)| {
+            let (cut, cut_rx) = watch::channel(false);
+            let task = tokio::spawn(accept_loop(listener, ports[&to].addr(), cut_rx));
+            let link = Link {
+                addr,
+                cut,
+                task: task.abort_handle(),
+            };
+            ((from, to), link)
+        })
+        .collect();
+    Ok(Layout::Proxy {
+        nodes: ports,
+        links,
     })
 }
 
@@ -560,29 +641,15 @@ mod tests {
         Ok(())
     }
 
-    /// A proxy network of nodes 1..=3 with an echo server standing in for each node, on free
-    /// ports (tests run in parallel, so each tries ports until everything binds).
+    /// A proxy network of nodes 1..=3 with an echo server standing in for each node, on the
+    /// port the network reserved for it.
     async fn proxy_net() -> Net {
         loopback_up().await;
-        let seed = std::process::id() as u64
-            ^ std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos() as u64;
-        for attempt in 0..50u64 {
-            let base = 20_000 + ((seed.wrapping_mul(7919) + attempt * 1237) % 4000) as u16 * 10;
-            let Ok(net) = Net::new(NetKind::Proxy, &[1, 2, 3], base).await else {
-                continue;
-            };
-            let mut ok = true;
-            for node in [1, 2, 3] {
-                ok &= echo_server(net.listen_addr(node)).await.is_ok();
-            }
-            if ok {
-                return net;
-            }
+        let net = Net::new(NetKind::Proxy, &[1, 2, 3], None).await.unwrap();
+        for node in [1, 2, 3] {
+            echo_server(net.listen_addr(node)).await.unwrap();
         }
-        panic!("no free ports for the proxy test");
+        net
     }
 
     fn proxy_addr(net: &Net, from: u64, to: u64) -> SocketAddr {
@@ -680,35 +747,52 @@ mod tests {
 
     #[tokio::test]
     async fn layout_and_validation() {
-        loopback_up().await;
         let net = proxy_net().await;
-        let base = net.listen_addr(1).port() - 1;
         assert_eq!(net.kind(), NetKind::Proxy);
         assert_eq!(net.source_ip(2), None);
-        let peers = net.peers_for(2);
-        assert_eq!(peers[&2], format!("127.0.0.1:{}", base + 2));
-        assert_eq!(peers[&1], format!("127.0.0.1:{}", base + 100 + 21));
-        assert_eq!(peers[&3], format!("127.0.0.1:{}", base + 100 + 23));
-        assert!(net.describe().starts_with("tcp-proxy: "));
+        // Every node and every link has a loopback port of its own.
+        let mut ports = BTreeSet::new();
+        for node in [1, 2, 3] {
+            let listen = net.listen_addr(node);
+            assert_eq!(listen.ip(), Ipv4Addr::LOCALHOST);
+            assert!(ports.insert(listen.port()), "{listen} used twice");
+            let peers = net.peers_for(node);
+            assert_eq!(peers.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+            assert_eq!(peers[&node], listen.to_string());
+            for other in [1, 2, 3].into_iter().filter(|&o| o != node) {
+                let link = proxy_addr(&net, node, other);
+                assert_eq!(link.ip(), Ipv4Addr::LOCALHOST);
+                assert!(ports.insert(link.port()), "{link} used twice");
+            }
+        }
+        assert_eq!(ports.len(), 3 + 6);
+        // The report line names every port.
+        let described = net.describe();
+        assert!(described.starts_with("tcp-proxy: "), "{described}");
+        let node_2 = format!("2:{}", net.listen_addr(2).port());
+        let link_3_1 = format!("3→1:{}", proxy_addr(&net, 3, 1).port());
+        for part in [node_2, link_3_1] {
+            assert!(described.contains(&part), "{part} not in {described}");
+        }
         for bad in [(1, 1), (1, 4), (0, 2)] {
             let err = net.cut(&set(&[bad])).await.unwrap_err();
             assert!(matches!(err, NetError::BadCut { .. }), "{err}");
         }
-        assert!(matches!(
-            Net::new(NetKind::Proxy, &[1, 10], 30_000).await,
-            Err(NetError::Layout { .. })
-        ));
-        assert!(matches!(
-            Net::new(NetKind::Proxy, &[1, 2], 65_400).await,
-            Err(NetError::Layout { .. })
-        ));
-        assert!(matches!(
-            Net::new(NetKind::Proxy, &[], 30_000).await,
-            Err(NetError::Layout { .. })
-        ));
+        // Proxy mode: no node 0, no fixed port, any other id.
+        for (nodes, port) in [(&[0, 1][..], None), (&[1, 2], Some(17_400)), (&[], None)] {
+            let err = Net::new(NetKind::Proxy, nodes, port).await.unwrap_err();
+            assert!(matches!(err, NetError::Layout { .. }), "{err}");
+        }
+        let wide = Net::new(NetKind::Proxy, &[1, 10, 300], None).await.unwrap();
+        assert_eq!(wide.peers_for(300).len(), 3);
+        // Netns mode: the layout is checked before the namespace.
+        for (nodes, port) in [(&[1, 245][..], None), (&[1, 2], Some(0))] {
+            let err = Net::new(NetKind::Netns, nodes, port).await.unwrap_err();
+            assert!(matches!(err, NetError::Layout { .. }), "{err}");
+        }
         if !in_private_netns() {
             assert!(matches!(
-                Net::new(NetKind::Netns, &[1, 2], 7000).await,
+                Net::new(NetKind::Netns, &[1, 2], Some(7000)).await,
                 Err(NetError::NotInPrivateNetns)
             ));
         }
@@ -729,11 +813,17 @@ mod tests {
     async fn netns_cut_drops_one_pair() {
         if !in_private_netns() {
             eprintln!(
-                "skipped: run under `unshare -n env {NETNS_ENV}=1 cargo test --lib jepsen::net`"
+                "skipped: run under `unshare -n env {NETNS_ENV}=1 cargo test -p kvnode-jepsen \
+                 --lib net::`"
             );
             return;
         }
-        let net = Net::new(NetKind::Netns, &[1, 2, 3], 7000).await.unwrap();
+        let default = Net::new(NetKind::Netns, &[1, 2], None).await.unwrap();
+        assert_eq!(default.listen_addr(2), "127.0.0.12:17400".parse().unwrap());
+        assert!(default.describe().ends_with(", port 17400"));
+        let net = Net::new(NetKind::Netns, &[1, 2, 3], Some(7000))
+            .await
+            .unwrap();
         assert_eq!(net.listen_addr(1), "127.0.0.11:7000".parse().unwrap());
         assert_eq!(net.source_ip(2), Some("127.0.0.12".parse().unwrap()));
         assert_eq!(net.peers_for(3)[&1], "127.0.0.11:7000");

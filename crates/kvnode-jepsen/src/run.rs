@@ -77,8 +77,11 @@ pub struct RunOptions {
     pub kvnode: PathBuf,
     /// The folder runs are created in.
     pub out: PathBuf,
-    /// First port the nodes and proxies use.
-    pub base_port: u16,
+    /// Netns mode: the port every node listens on, each on its own loopback alias in the
+    /// run's private namespace (`None`:
+    /// [`NETNS_DEFAULT_PORT`](super::net::NETNS_DEFAULT_PORT)). Proxy mode needs `None`: it
+    /// shares the host's loopback, so the kernel picks every port (see [`super::net`]).
+    pub base_port: Option<u16>,
     /// The nodes' heartbeat interval.
     pub heartbeat_ms: u64,
     /// The nodes' election timeout range.
@@ -122,7 +125,7 @@ impl Default for RunOptions {
             net: NetKind::Proxy,
             kvnode: PathBuf::from("kvnode"),
             out: PathBuf::from("target/jepsen"),
-            base_port: 17400,
+            base_port: None,
             heartbeat_ms: 100,
             election_timeout_ms: (500, 1000),
             hibernate_after_ms: 300,

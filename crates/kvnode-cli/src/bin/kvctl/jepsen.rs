@@ -106,9 +106,12 @@ pub struct RunArgs {
     /// Folder the run folder is created in.
     #[arg(long, default_value = "target/jepsen")]
     out: PathBuf,
-    /// First port to use.
-    #[arg(long, default_value_t = 17400)]
-    base_port: u16,
+    /// Netns mode only: the port every node listens on, each on its own loopback alias inside
+    /// the run's private namespace (default 17400). The TCP proxy shares the host's loopback,
+    /// so it takes every port, its own and the nodes', from the kernel: with --net proxy this
+    /// option is an error, and --net auto ignores it when it falls back to the proxy.
+    #[arg(long)]
+    base_port: Option<u16>,
     /// Switch on a planted bug in the nodes (only builds with the `planted-bugs` feature
     /// have them): follower-local-read, leader-no-confirm, ack-uncommitted,
     /// read-index-applied.
@@ -163,6 +166,24 @@ fn run_command(args: RunArgs) -> ExitCode {
             NetKind::Proxy
         }
     };
+    // The proxy takes its ports from the kernel: a fixed port only means something in netns
+    // mode.
+    let base_port = match (net, args.net, args.base_port) {
+        (NetKind::Proxy, NetChoice::Proxy, Some(_)) => {
+            eprintln!(
+                "error: --base-port is for netns mode only: the TCP proxy takes its ports from \
+                 the kernel"
+            );
+            return ExitCode::from(2);
+        }
+        (NetKind::Proxy, _, Some(port)) => {
+            eprintln!(
+                "jepsen: ignoring --base-port {port}: the TCP proxy takes its ports from the kernel"
+            );
+            None
+        }
+        (_, _, port) => port,
+    };
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -197,7 +218,7 @@ fn run_command(args: RunArgs) -> ExitCode {
         net,
         kvnode,
         out: args.out.clone(),
-        base_port: args.base_port,
+        base_port,
         planted_bug: args.planted_bug.clone(),
         exercise: args.exercise,
         apply_lag: args.apply_lag,
