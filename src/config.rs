@@ -1,7 +1,9 @@
 //! One documented configuration for a node, with every default in one place and `validate()`.
 //!
-//! The library never reads files or environment variables; binaries build a [`Config`] (from
-//! flags or a TOML file) and hand it over. Every field's doc says what it costs.
+//! The library never reads files or environment variables; a binary builds a [`Config`] and
+//! hands it over (`kvnode` builds it from its command-line flags; there is no config file yet).
+//! `Config` derives `Serialize`/`Deserialize` so that a file format can be added outside the
+//! library. Every field's doc says what it costs.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -111,7 +113,7 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: {field}: {problem}")]
 pub struct ConfigError {
-    /// The field's name, as in the TOML file.
+    /// The field's name, as in [`Config`] (the `kvnode` flag is the same name with dashes).
     pub field: &'static str,
     /// What is wrong with its value.
     pub problem: String,
