@@ -89,14 +89,7 @@ impl Store {
         check_or_create_format(&dir)?;
         let wal = Arc::new(Wal::open(dir.join("wal"), options.wal)?);
         let sm_path = dir.join("sm");
-        let db = sled::Config::new()
-            .path(&sm_path)
-            .cache_capacity(options.sled_cache_bytes)
-            .open()
-            .map_err(|source| Error::Sled {
-                path: sm_path.clone(),
-                source,
-            })?;
+        let db = open_sled(&sm_path, options.sled_cache_bytes)?;
         if db.was_recovered() {
             tracing::debug!(path = %sm_path.display(), "opened existing state-machine store");
         }
@@ -224,6 +217,40 @@ fn parse_format(path: &Path, text: &str) -> Result<u32> {
     }
 }
 
+/// How long [`Store::open`] waits for sled's directory lock when it is held (see [`open_sled`]).
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens the sled database at `path`. sled 0.34 releases its directory lock from its background
+/// flusher thread, a moment *after* the last handle of an instance was dropped (the thread
+/// reports itself finished, then drops its own handle). A store reopened in the same process
+/// right after it was closed (an embedded application restarting its node, the tests) can
+/// find the lock still held, so a held lock is retried for up to [`SLED_LOCK_WAIT`]; after that
+/// the error stands (another process has the directory) and says so.
+fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(source) => {
+                return Err(Error::Sled {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +295,16 @@ mod tests {
         drop(Store::open(&data, StoreOptions::default()).unwrap());
         let text = fs::read_to_string(data.join("FORMAT")).unwrap();
         assert_eq!(text, "kvnode data directory\nformat 2\n");
+    }
+
+    /// sled lets go of its lock a moment after a store is dropped (see `open_sled`): reopening
+    /// at once must still work, every time.
+    #[test]
+    fn a_store_reopened_right_after_it_was_dropped_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..20 {
+            drop(Store::open(dir.path(), StoreOptions::default()).unwrap());
+        }
     }
 
     #[test]
