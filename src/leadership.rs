@@ -136,6 +136,8 @@ pub struct LeadershipChecks {
     pending: Mutex<Pending>,
     /// Per peer, a permit per message that may be in flight ([`MAX_OUTSTANDING`]).
     slots: Mutex<HashMap<u64, Arc<Semaphore>>>,
+    /// Checks that asked peers and did not confirm (refused, or no quorum in time).
+    unconfirmed: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for LeadershipChecks {
@@ -165,12 +167,19 @@ impl LeadershipChecks {
             transport,
             pending: Mutex::new(Pending::default()),
             slots: Mutex::default(),
+            unconfirmed: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     /// Rounds started so far (one per batch of waiting groups, not per read).
     pub fn rounds(&self) -> u64 {
         self.pending.lock().expect("leadership lock").rounds
+    }
+
+    /// Checks so far that went to a round and did not confirm (a peer refused, or too few
+    /// answered in time): each sends its read to openraft's fallback round.
+    pub fn unconfirmed(&self) -> u64 {
+        self.unconfirmed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Confirms, in a round that starts after this call, that at least `need` of `others` (the
@@ -208,7 +217,12 @@ impl LeadershipChecks {
             let this = Arc::clone(self);
             tokio::spawn(async move { this.drive().await });
         }
-        rx.await.unwrap_or(Outcome::NoQuorum)
+        let outcome = rx.await.unwrap_or(Outcome::NoQuorum);
+        if outcome != Outcome::Confirmed {
+            self.unconfirmed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        outcome
     }
 
     /// Starts rounds while groups wait: each takes the groups waiting when it starts, and the

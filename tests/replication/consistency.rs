@@ -603,7 +603,8 @@ async fn follower_linearizable_reads_see_the_latest_acknowledged_write_under_con
 
 /// Concurrent linearizable reads share node-level leadership checks (see `kvnode::leadership`):
 /// 200 reads on the leader or a follower cost at most 20 check rounds on the leader's node,
-/// and no openraft read-index round (that is only the fallback when a check cannot confirm).
+/// and an openraft read-index round only as the fallback when a check could not confirm (on a
+/// quiet machine none; on a heavily loaded one a round can outlast the transport's timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn coalesced_leadership_checks() {
     const READS: usize = 200;
@@ -616,12 +617,17 @@ async fn coalesced_leadership_checks() {
     for reader in [leader, (1..=3).find(|id| *id != leader).unwrap()] {
         let node = c.node(reader);
         let options = ReadOptions::linearizable();
-        let (rounds_before, raft_before) = (checks.rounds(), shard.read_index_rounds());
+        let (rounds_before, raft_before, unconfirmed_before) = (
+            checks.rounds(),
+            shard.read_index_rounds(),
+            checks.unconfirmed(),
+        );
         let started = Instant::now();
         let replies = futures::future::join_all((0..READS).map(|_| node.get(KEY, &options))).await;
         let took = started.elapsed();
         let rounds = checks.rounds() - rounds_before;
         let raft_rounds = shard.read_index_rounds() - raft_before;
+        let unconfirmed = checks.unconfirmed() - unconfirmed_before;
         for r in &replies {
             let r = r.as_ref().unwrap_or_else(|e| panic!("node {reader}: {e}"));
             assert_eq!(value(r), Some(&b"v"[..]));
@@ -636,16 +642,17 @@ async fn coalesced_leadership_checks() {
         };
         println!(
             "{READS} concurrent linearizable reads on the {role} (node {reader}) in {took:?}: \
-             {rounds} leadership-check rounds and {raft_rounds} openraft rounds on the leader"
+             {rounds} leadership-check rounds ({unconfirmed} checks unconfirmed) and \
+             {raft_rounds} openraft rounds on the leader"
         );
         assert!(rounds >= 1);
         assert!(
             rounds <= 20,
             "{rounds} rounds for {READS} reads on the {role}"
         );
-        assert_eq!(
-            raft_rounds, 0,
-            "reads on a healthy cluster fell back to openraft's round"
+        assert!(
+            raft_rounds == 0 || unconfirmed > 0,
+            "{raft_rounds} reads fell back to openraft's round though every check confirmed"
         );
     }
     c.close().await;
