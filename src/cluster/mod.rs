@@ -1,8 +1,11 @@
 //! Shard → node mapping. This module owns the rule that decides which nodes hold the replicas
 //! of each shard and which of them is the preferred leader ([`placement`]); it is a pure
 //! function of the shard id and the node list. Cluster membership (how the node list is agreed
-//! on and changed) comes later and will live here too.
+//! on and changed) lives here too: [`membership`] is the cluster map and the pure state machine
+//! that changes it (docs/design/membership.md §1.1).
 
+// The cluster map's state machine; the META group (milestone M2) is its first user.
+pub(crate) mod membership;
 pub mod placement;
 
 pub use placement::replicas;
