@@ -322,17 +322,7 @@ async fn no_indeterminate_write_lands_after_the_final_phase_begins() {
         request_timeout_ms: 1000,
         env: vec![("RUST_LOG".into(), "info,openraft=warn".into())],
     };
-    let specs: Vec<NodeSpec> = ids
-        .iter()
-        .map(|&id| NodeSpec {
-            id,
-            listen: net.listen_addr(id),
-            peers: net.peers_for(id),
-            source_ip: net.source_ip(id),
-            data_dir: dir.join(format!("data/node-{id}")),
-            log: dir.join(format!("logs/node-{id}.log")),
-        })
-        .collect();
+    let specs: Vec<NodeSpec> = ids.iter().map(|&id| net.node_spec(id, &dir)).collect();
     let addrs: BTreeMap<u64, std::net::SocketAddr> =
         specs.iter().map(|s| (s.id, s.listen)).collect();
     let _nodes = Processes::start(cluster, specs).expect("start kvnode");

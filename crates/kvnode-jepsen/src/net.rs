@@ -29,6 +29,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
 use kvnode_testkit::ports::PortReservation;
+use kvnode_testkit::processes::NodeSpec;
 
 /// The environment variable the harness sets (to `"1"`) in the process it re-executes under
 /// `unshare -n`, so that the child knows it owns a private network namespace.
@@ -288,6 +289,22 @@ impl Net {
         match self.layout {
             Layout::Netns { .. } => Some(netns_ip(node)),
             Layout::Proxy { .. } => None,
+        }
+    }
+
+    /// How `node` starts on this network, with its data directory and log under `run_dir`
+    /// (`data/node-N/`, `logs/node-N.log`).
+    ///
+    /// # Panics
+    /// If `node` was not given to [`Net::new`].
+    pub fn node_spec(&self, node: u64, run_dir: &Path) -> NodeSpec {
+        NodeSpec {
+            id: node,
+            listen: self.listen_addr(node),
+            peers: self.peers_for(node),
+            source_ip: self.source_ip(node),
+            data_dir: run_dir.join("data").join(format!("node-{node}")),
+            log: run_dir.join("logs").join(format!("node-{node}.log")),
         }
     }
 

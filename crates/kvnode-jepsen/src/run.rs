@@ -255,17 +255,7 @@ pub async fn run(options: RunOptions) -> Result<RunSummary, RunError> {
         request_timeout_ms: NODE_REQUEST_TIMEOUT.as_millis() as u64,
         env,
     };
-    let specs: Vec<NodeSpec> = ids
-        .iter()
-        .map(|&id| NodeSpec {
-            id,
-            listen: net.listen_addr(id),
-            peers: net.peers_for(id),
-            source_ip: net.source_ip(id),
-            data_dir: dir.join("data").join(format!("node-{id}")),
-            log: dir.join("logs").join(format!("node-{id}.log")),
-        })
-        .collect();
+    let specs: Vec<NodeSpec> = ids.iter().map(|&id| net.node_spec(id, &dir)).collect();
     let addrs: BTreeMap<u64, SocketAddr> = specs.iter().map(|s| (s.id, s.listen)).collect();
     write_run_json(&dir, &options, &net, &schedule)?;
 
