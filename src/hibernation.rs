@@ -285,12 +285,14 @@ impl Liveness {
     }
 }
 
-/// A replica's role and progress, as the rules need them.
+/// A replica's role and progress, as the rules need them. Liveness is per node, so the other
+/// replicas are named by their nodes (a group's Raft ids are replica ids, see
+/// [`crate::raft::replica_node`]: a replica is reachable when its node is).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupState {
     /// This replica leads.
     Leader {
-        /// The other replicas.
+        /// The nodes of the other replicas.
         others: Vec<u64>,
         /// The log is committed and applied here, and every other replica acknowledged all
         /// of it.
@@ -298,10 +300,11 @@ pub enum GroupState {
     },
     /// This replica follows.
     Follower {
-        /// The leader it knows of, if any.
+        /// The node of the leader it knows of, if any.
         leader: Option<u64>,
     },
-    /// Campaigning, shutting down, or anything else: timers stay on.
+    /// Campaigning, shutting down, a replica whose node the membership does not name, or
+    /// anything else: timers stay on.
     Other,
 }
 
@@ -377,33 +380,10 @@ pub struct Group {
 
 impl Group {
     /// The replica's state as the rules need it, from openraft's metrics.
-    fn state(&self, me: u64) -> GroupState {
+    fn state(&self) -> GroupState {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
-        match m.state {
-            openraft::ServerState::Leader => {
-                let last = m.last_log_index;
-                let index = |l: &Option<crate::raft::LogId>| l.as_ref().map(|l| l.index());
-                let mut settled =
-                    index(&m.local_committed) == last && index(&m.last_applied) == last;
-                let mut others = Vec::new();
-                if let Some(replication) = &m.replication {
-                    for (node, matched) in replication {
-                        if *node != me {
-                            others.push(*node);
-                            settled &= index(matched) == last;
-                        }
-                    }
-                }
-                GroupState::Leader { others, settled }
-            }
-            openraft::ServerState::Follower | openraft::ServerState::Learner => {
-                GroupState::Follower {
-                    leader: m.current_leader,
-                }
-            }
-            _ => GroupState::Other,
-        }
+        state_of(&m)
     }
 
     async fn apply(&self, decision: Decision) {
@@ -420,6 +400,46 @@ impl Group {
             // Best effort: a group that stopped has nothing to send.
             let _ = self.raft.trigger().heartbeat().await;
         }
+    }
+}
+
+/// A replica's state as the rules need it, from its openraft metrics: replica ids (openraft's
+/// `replication` targets, the current leader) mapped to their nodes through the membership.
+fn state_of(m: &openraft::RaftMetrics<crate::raft::TypeConfig>) -> GroupState {
+    let node = |replica: u64| {
+        let entry = m.membership_config.membership().get_node(&replica)?;
+        crate::raft::replica_node::node_of(replica, entry).ok()
+    };
+    match m.state {
+        openraft::ServerState::Leader => {
+            let last = m.last_log_index;
+            let index = |l: &Option<crate::raft::LogId>| l.as_ref().map(|l| l.index());
+            let mut settled = index(&m.local_committed) == last && index(&m.last_applied) == last;
+            let mut others = Vec::new();
+            if let Some(replication) = &m.replication {
+                for (replica, matched) in replication {
+                    if *replica != m.id {
+                        // A replica whose node is unknown cannot be shown reachable.
+                        let Some(node) = node(*replica) else {
+                            return GroupState::Other;
+                        };
+                        others.push(node);
+                        settled &= index(matched) == last;
+                    }
+                }
+            }
+            GroupState::Leader { others, settled }
+        }
+        openraft::ServerState::Follower | openraft::ServerState::Learner => {
+            match m.current_leader {
+                None => GroupState::Follower { leader: None },
+                Some(leader) => match node(leader) {
+                    Some(node) => GroupState::Follower { leader: Some(node) },
+                    None => GroupState::Other,
+                },
+            }
+        }
+        _ => GroupState::Other,
     }
 }
 
@@ -468,7 +488,7 @@ impl Controller {
                 };
                 let mut sleeping = 0usize;
                 for group in &groups {
-                    let state = group.state(me);
+                    let state = group.state();
                     let idle_for = group.activity.idle_for(round.now);
                     let decision = round.decide(group.shard, &state, idle_for);
                     sleeping += usize::from(decision == Decision::Sleep);
@@ -498,7 +518,7 @@ async fn ping_all(
     liveness: &mut Liveness,
     timeouts: &Timeouts,
 ) -> BTreeSet<u64> {
-    let targets: Vec<u64> = peers.node_ids().filter(|n| *n != me).collect();
+    let targets: Vec<u64> = peers.node_ids().into_iter().filter(|n| *n != me).collect();
     let answers = join_all(
         targets
             .iter()
@@ -704,6 +724,85 @@ mod tests {
         assert_eq!(d(&live, later), Decision::Wake);
         live.heard(2, Some(later));
         assert_eq!(d(&live, later), Decision::Sleep);
+    }
+
+    #[test]
+    fn replicas_are_reachable_when_their_nodes_are() {
+        use crate::raft::replica_node::replica_node;
+        use openraft::{BasicNode, Membership, RaftMetrics, ServerState, StoredMembership};
+
+        // Shard 5's replicas 11, 12 and 13 live on nodes 1, 2 and 3 (replica ids apart from
+        // node ids); replica 11 is this node's and leads, with everything settled.
+        let membership = Membership::new(
+            vec![[11, 12, 13].into()],
+            [
+                (11, replica_node(1)),
+                (12, replica_node(2)),
+                (13, replica_node(3)),
+            ]
+            .into_iter()
+            .collect::<BTreeMap<u64, BasicNode>>(),
+        )
+        .expect("a valid membership");
+        let at = Some(crate::raft::log_id(4, 11, 9));
+        let mut m = RaftMetrics::<crate::raft::TypeConfig>::new_initial(11);
+        m.membership_config = Arc::new(StoredMembership::new(None, membership));
+        m.state = ServerState::Leader;
+        m.last_log_index = Some(9);
+        m.local_committed = at;
+        m.last_applied = at;
+        m.replication = Some([(11, at), (12, at), (13, at)].into_iter().collect());
+        let state = state_of(&m);
+        assert_eq!(state, leader(&[2, 3], true), "the other replicas as nodes");
+
+        // The rules then go by the nodes' liveness: nodes 2 and 3 reachable both ways, the
+        // leader sleeps; node 3's messages stop (nothing from "13" could ever arrive), it wakes.
+        let t = timeouts();
+        let now = Instant::now();
+        let mut live = Liveness::default();
+        for node in [2, 3] {
+            live.record(node, now, answer(7, &[]), t.suspect_after);
+            live.heard(node, Some(now));
+        }
+        let none = BTreeSet::new();
+        let decide = |live: &Liveness, now| {
+            let round = Round {
+                me: 1,
+                now,
+                liveness: live,
+                returned: &none,
+                timeouts: &t,
+            };
+            round.decide(5, &state, t.hibernate_after)
+        };
+        assert_eq!(decide(&live, now), Decision::Sleep);
+        let later = now + t.suspect_after + Duration::from_millis(1);
+        live.record(2, later, answer(7, &[]), t.suspect_after);
+        live.record(3, later, answer(8, &[]), t.suspect_after);
+        live.heard(2, Some(later));
+        assert_eq!(decide(&live, later), Decision::Wake);
+
+        // Replica 12, on node 2, follows leader replica 11: its leader is node 1.
+        let mut f = m.clone();
+        f.id = 12;
+        f.state = ServerState::Follower;
+        f.replication = None;
+        f.current_leader = Some(11);
+        assert_eq!(state_of(&f), GroupState::Follower { leader: Some(1) });
+        // A legacy membership entry (written before replica ids) names its replica id's node.
+        let legacy = Membership::new_with_defaults(vec![[11, 12].into()], [11, 12]);
+        f.membership_config = Arc::new(StoredMembership::new(None, legacy));
+        assert_eq!(state_of(&f), GroupState::Follower { leader: Some(11) });
+        // An entry naming no node keeps the timers on.
+        let broken = Membership::new(
+            vec![[11, 12].into()],
+            [(11, BasicNode::new("10.0.0.1:7000")), (12, replica_node(2))]
+                .into_iter()
+                .collect::<BTreeMap<u64, BasicNode>>(),
+        )
+        .expect("a valid membership");
+        f.membership_config = Arc::new(StoredMembership::new(None, broken));
+        assert_eq!(state_of(&f), GroupState::Other);
     }
 
     #[test]

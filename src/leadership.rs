@@ -43,7 +43,15 @@
 //! memberships (a membership change commits within a term) are tallied separately, each
 //! against its own voters: a voter the change removed never counts towards a caller that no
 //! longer lists it, and a voter it added is asked by every caller that lists it. A peer is
-//! asked about a (shard, term) once per message, however many groups ask it.
+//! asked about a (shard, term, replica) once per message, however many groups ask it.
+//!
+//! **Replicas and nodes.** A group's voters are Raft replica ids, which need not be node ids
+//! (`crate::raft::replica_node`): each [`Voter`] names its replica and the node hosting it
+//! (from the group's membership). Messages go per node, one item per (shard, term, replica)
+//! carrying `ConfirmItem.replica`, and an answer counts for the replica its item named only:
+//! a node asked about a replica it does not host answers no (`server::raft`), and a yes to
+//! one replica never counts for another replica on the same node (a shard that left a node
+//! and came back has a new replica id there).
 //!
 //! **Rounds.** A round takes every group waiting when it starts and decides each from the
 //! replies to its own messages only (each round has its own reply channel), so every check
@@ -105,10 +113,21 @@ pub enum Outcome {
 /// One peer's answers: for each item sent, whether it holds the asked vote.
 pub type Answers = Result<Vec<bool>, String>;
 
-/// Sends one round's items to one peer.
+/// Sends one round's items to one peer node.
 pub type Transport = Arc<
     dyn Fn(u64, Vec<ConfirmItem>) -> Pin<Box<dyn Future<Output = Answers> + Send>> + Send + Sync,
 >;
+
+/// A voter of a group: its replica id (the group's Raft id for it, which its stored vote is
+/// about) and the node that hosts it (where the question goes). See
+/// [`crate::raft::replica_node`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Voter {
+    /// The voter's replica id.
+    pub replica: u64,
+    /// The node hosting it.
+    pub node: u64,
+}
 
 /// What a check confirms: that at least `need` of `others` (sorted, distinct) still hold this
 /// node's vote of `term` for `shard`. Checks with equal keys share one tally.
@@ -116,7 +135,7 @@ pub type Transport = Arc<
 struct GroupKey {
     shard: u64,
     term: u64,
-    others: Vec<u64>,
+    others: Vec<Voter>,
     need: usize,
 }
 
@@ -183,14 +202,15 @@ impl LeadershipChecks {
     }
 
     /// Confirms, in a round that starts after this call, that at least `need` of `others` (the
-    /// group's voters besides this node) still hold this node's vote of `term` for `shard`.
-    /// Only `others` count: callers of the same shard and term that name other voters are
-    /// checked against their own.
+    /// group's voters besides this replica) still hold this replica's vote of `term` for
+    /// `shard`. Only `others` count: callers of the same shard and term that name other voters
+    /// are checked against their own. Each voter is asked on its node about its replica id,
+    /// and only that replica's answer counts for it.
     pub async fn confirm(
         self: &Arc<Self>,
         shard: u64,
         term: u64,
-        mut others: Vec<u64>,
+        mut others: Vec<Voter>,
         need: usize,
     ) -> Outcome {
         if need == 0 {
@@ -333,10 +353,12 @@ impl LeadershipChecks {
         }
     }
 
-    /// The round's peers, most preferred first: fewest messages in flight, then a rotation
-    /// by round number so that equals share the load.
+    /// The round's peer nodes, most preferred first: fewest messages in flight, then a
+    /// rotation by round number so that equals share the load.
     fn preference<'a>(&self, groups: impl Iterator<Item = &'a GroupKey>, round: u64) -> Vec<u64> {
-        let mut peers: Vec<u64> = groups.flat_map(|g| g.others.iter().copied()).collect();
+        let mut peers: Vec<u64> = groups
+            .flat_map(|g| g.others.iter().map(|v| v.node))
+            .collect();
         peers.sort_unstable();
         peers.dedup();
         if peers.is_empty() {
@@ -353,8 +375,8 @@ impl LeadershipChecks {
         peers
     }
 
-    /// Sends each peer of `wave` one message, with one item per (shard, term) its groups ask
-    /// about; a peer with no free slot answers at once with an error.
+    /// Sends each peer node of `wave` one message, with one item per (shard, term, replica)
+    /// its groups ask about; a peer with no free slot answers at once with an error.
     fn send(
         &self,
         transport: &Transport,
@@ -364,13 +386,17 @@ impl LeadershipChecks {
     ) {
         for (peer, asking) in wave.0 {
             let mut items: Vec<ConfirmItem> = Vec::new();
-            let mut at: BTreeMap<(u64, u64), usize> = BTreeMap::new();
+            let mut at: BTreeMap<(u64, u64, u64), usize> = BTreeMap::new();
             let groups: Vec<(usize, usize)> = asking
                 .into_iter()
-                .map(|i| {
+                .map(|(i, replica)| {
                     let GroupKey { shard, term, .. } = keys[i];
-                    let n = *at.entry((shard, term)).or_insert_with(|| {
-                        items.push(ConfirmItem { shard, term });
+                    let n = *at.entry((shard, term, replica)).or_insert_with(|| {
+                        items.push(ConfirmItem {
+                            shard,
+                            term,
+                            replica,
+                        });
                         items.len() - 1
                     });
                     (i, n)
@@ -421,14 +447,18 @@ struct Reply {
     answers: Answers,
 }
 
-/// The messages of one wave: per peer, the groups (indexes) it is asked about.
+/// The messages of one wave: per peer node, the groups (indexes) it is asked about, each
+/// with the replica id that group asks it about.
 #[derive(Default)]
-struct Wave(BTreeMap<u64, Vec<usize>>);
+struct Wave(BTreeMap<u64, Vec<(usize, u64)>>);
 
 impl Wave {
-    fn add(&mut self, group: usize, peers: Vec<u64>) {
-        for peer in peers {
-            self.0.entry(peer).or_default().push(group);
+    fn add(&mut self, group: usize, voters: Vec<Voter>) {
+        for voter in voters {
+            self.0
+                .entry(voter.node)
+                .or_default()
+                .push((group, voter.replica));
         }
     }
 }
@@ -459,7 +489,7 @@ struct Tally {
     need: usize,
     waiters: Vec<oneshot::Sender<Outcome>>,
     /// Voters not asked yet, most preferred first.
-    unasked: Vec<u64>,
+    unasked: Vec<Voter>,
     /// Asked and not answered yet.
     waiting: usize,
     yes: usize,
@@ -471,8 +501,8 @@ impl Tally {
     fn new(key: &GroupKey, waiters: Vec<oneshot::Sender<Outcome>>, order: &[u64]) -> Tally {
         let unasked = order
             .iter()
+            .flat_map(|node| key.others.iter().filter(move |v| v.node == *node))
             .copied()
-            .filter(|p| key.others.binary_search(p).is_ok())
             .collect();
         Tally {
             need: key.need,
@@ -486,7 +516,7 @@ impl Tally {
     }
 
     /// The peers to ask now so that enough are asked to settle the group if all say yes.
-    fn ask_more(&mut self) -> Vec<u64> {
+    fn ask_more(&mut self) -> Vec<Voter> {
         let short = self.need.saturating_sub(self.yes + self.waiting);
         let n = short.min(self.unasked.len());
         self.waiting += n;
@@ -494,7 +524,7 @@ impl Tally {
     }
 
     /// Every peer not asked yet.
-    fn ask_rest(&mut self) -> Vec<u64> {
+    fn ask_rest(&mut self) -> Vec<Voter> {
         self.waiting += self.unasked.len();
         std::mem::take(&mut self.unasked)
     }
@@ -568,6 +598,17 @@ mod tests {
         })
     }
 
+    /// Voters whose replica ids are their node ids (every replica until replicas move).
+    fn own(nodes: &[u64]) -> Vec<Voter> {
+        nodes
+            .iter()
+            .map(|&node| Voter {
+                replica: node,
+                node,
+            })
+            .collect()
+    }
+
     fn open_gate() -> Arc<Semaphore> {
         Arc::new(Semaphore::new(Semaphore::MAX_PERMITS))
     }
@@ -581,7 +622,7 @@ mod tests {
             |peer, _, items| (peer <= 3).then(|| Ok(vec![true; items.len()])),
         )));
         // Five voters: this node and peers 2..=5; two of the others make a majority.
-        let outcome = checks.confirm(7, 4, vec![2, 3, 4, 5], 2).await;
+        let outcome = checks.confirm(7, 4, own(&[2, 3, 4, 5]), 2).await;
         assert_eq!(outcome, Outcome::Confirmed);
     }
 
@@ -596,8 +637,14 @@ mod tests {
                 _ => Some(Err("unreachable".into())),
             },
         )));
-        assert_eq!(checks.confirm(1, 9, vec![2, 3], 1).await, Outcome::Refused);
-        assert_eq!(checks.confirm(1, 9, vec![3, 4], 1).await, Outcome::NoQuorum);
+        assert_eq!(
+            checks.confirm(1, 9, own(&[2, 3]), 1).await,
+            Outcome::Refused
+        );
+        assert_eq!(
+            checks.confirm(1, 9, own(&[3, 4]), 1).await,
+            Outcome::NoQuorum
+        );
         // A yes from one peer is not a majority of five.
         let sent = Arc::default();
         let checks = LeadershipChecks::with_transport(Some(scripted(
@@ -612,7 +659,7 @@ mod tests {
             },
         )));
         assert_eq!(
-            checks.confirm(1, 9, vec![2, 3, 4, 5], 2).await,
+            checks.confirm(1, 9, own(&[2, 3, 4, 5]), 2).await,
             Outcome::NoQuorum
         );
     }
@@ -624,7 +671,10 @@ mod tests {
             LeadershipChecks::with_transport(Some(scripted(open_gate(), sent, |_, _, items| {
                 Some(Ok(vec![true; items.len() + 1]))
             })));
-        assert_eq!(checks.confirm(1, 3, vec![2, 3], 1).await, Outcome::NoQuorum);
+        assert_eq!(
+            checks.confirm(1, 3, own(&[2, 3]), 1).await,
+            Outcome::NoQuorum
+        );
     }
 
     #[tokio::test]
@@ -640,7 +690,7 @@ mod tests {
         )));
         let first = tokio::spawn({
             let checks = Arc::clone(&checks);
-            async move { checks.confirm(1, 5, vec![2], 1).await }
+            async move { checks.confirm(1, 5, own(&[2]), 1).await }
         });
         while sent.lock().unwrap().is_empty() {
             tokio::task::yield_now().await;
@@ -649,7 +699,7 @@ mod tests {
         let later: Vec<_> = (1..=10)
             .map(|shard| {
                 let checks = Arc::clone(&checks);
-                tokio::spawn(async move { checks.confirm(shard, 5, vec![2], 1).await })
+                tokio::spawn(async move { checks.confirm(shard, 5, own(&[2]), 1).await })
             })
             .collect();
         tokio::task::yield_now().await;
@@ -675,7 +725,7 @@ mod tests {
         )));
         for _ in 0..5 {
             assert_eq!(
-                checks.confirm(1, 5, vec![2, 3], 1).await,
+                checks.confirm(1, 5, own(&[2, 3]), 1).await,
                 Outcome::Confirmed
             );
         }
@@ -697,7 +747,7 @@ mod tests {
         // A 3-replica group needs one yes besides this node: one message per round.
         for _ in 0..4 {
             assert_eq!(
-                checks.confirm(1, 2, vec![2, 3], 1).await,
+                checks.confirm(1, 2, own(&[2, 3]), 1).await,
                 Outcome::Confirmed
             );
         }
@@ -717,7 +767,7 @@ mod tests {
         )));
         for _ in 0..4 {
             assert_eq!(
-                checks.confirm(1, 2, vec![2, 3], 1).await,
+                checks.confirm(1, 2, own(&[2, 3]), 1).await,
                 Outcome::Confirmed
             );
         }
@@ -741,8 +791,8 @@ mod tests {
         )));
         // Both register before a round starts, so one round decides both.
         let (before, after) = tokio::join!(
-            checks.confirm(1, 5, vec![2, 3], 1),
-            checks.confirm(1, 5, vec![4, 3], 1),
+            checks.confirm(1, 5, own(&[2, 3]), 1),
+            checks.confirm(1, 5, own(&[4, 3]), 1),
         );
         assert_eq!(before, Outcome::Confirmed);
         assert_eq!(
@@ -754,6 +804,67 @@ mod tests {
         // Peer 3 was asked about (shard 1, term 5) once per message, whichever groups asked it.
         for (peer, items) in sent.lock().unwrap().iter() {
             assert_eq!(items.len(), 1, "peer {peer} got {items:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_yes_counts_only_for_the_replica_it_was_asked_about() {
+        // Shard 1's replicas have ids apart from their nodes' ids: node 2 hosts replica 12 and
+        // node 3 replica 13. Replica 22 is an older incarnation of the shard on node 2 (the
+        // shard left node 2 and came back): node 2 no longer hosts it. Each node answers as
+        // `server::raft` does: yes only about the replica it hosts (all hold the vote).
+        let hosts = |node: u64| match node {
+            2 => Some(12),
+            3 => Some(13),
+            _ => None,
+        };
+        let sent: Sent = Arc::default();
+        let checks = LeadershipChecks::with_transport(Some(scripted(
+            open_gate(),
+            Arc::clone(&sent),
+            move |peer, _, items| {
+                Some(Ok(items
+                    .iter()
+                    .map(|item| hosts(peer) == Some(item.replica))
+                    .collect()))
+            },
+        )));
+        let voter = |replica, node| Voter { replica, node };
+        // Both register before a round starts: one round, one message to node 2 about both
+        // replicas, and node 2's yes for replica 12 does not count for replica 22.
+        let (current, retired) = tokio::join!(
+            checks.confirm(1, 5, vec![voter(12, 2)], 1),
+            checks.confirm(1, 5, vec![voter(22, 2)], 1),
+        );
+        assert_eq!(current, Outcome::Confirmed);
+        assert_eq!(
+            retired,
+            Outcome::Refused,
+            "node 2's yes about replica 12 counted for replica 22"
+        );
+        assert_eq!(checks.rounds(), 1);
+        {
+            let sent = sent.lock().unwrap();
+            assert_eq!(sent.len(), 1, "{sent:?}");
+            let (peer, items) = &sent[0];
+            assert_eq!(*peer, 2);
+            let asked: Vec<(u64, u64, u64)> =
+                items.iter().map(|i| (i.shard, i.term, i.replica)).collect();
+            assert_eq!(asked, vec![(1, 5, 12), (1, 5, 22)]);
+        }
+        sent.lock().unwrap().clear();
+        // A group is asked on the nodes hosting its voters, never at its replica ids.
+        assert_eq!(
+            checks
+                .confirm(1, 6, vec![voter(12, 2), voter(13, 3)], 2)
+                .await,
+            Outcome::Confirmed
+        );
+        for (peer, items) in sent.lock().unwrap().iter() {
+            assert!([2, 3].contains(peer), "a message went to {peer}");
+            for item in items {
+                assert_eq!(hosts(*peer), Some(item.replica), "{peer}: {item:?}");
+            }
         }
     }
 
@@ -808,13 +919,13 @@ mod tests {
             asked_tx,
         )));
         // Group A (shard 1): its voters besides this node, 4 and 5, do not answer.
-        let mut a = Box::pin(checks.confirm(1, 3, vec![4, 5], 1));
+        let mut a = Box::pin(checks.confirm(1, 3, own(&[4, 5]), 1));
         assert_eq!((&mut a).now_or_never(), None);
         // A's round asks one of them, then (after the hedge) the other: it has nobody left to
         // ask and waits.
         until_asked(&mut asked, &[4, 5]).await;
         // Group B (shard 2): its voters answer at once.
-        let b = checks.confirm(2, 3, vec![2, 3], 1).await;
+        let b = checks.confirm(2, 3, own(&[2, 3]), 1).await;
         assert_eq!(b, Outcome::Confirmed);
         let a_then = (&mut a).now_or_never();
         assert_eq!(
@@ -841,14 +952,14 @@ mod tests {
         )));
         let first = tokio::spawn({
             let checks = Arc::clone(&checks);
-            async move { checks.confirm(1, 3, vec![4, 5], 1).await }
+            async move { checks.confirm(1, 3, own(&[4, 5]), 1).await }
         });
         until_asked(&mut asked, &[4, 5]).await;
         // The first round has asked both and waits; the same group's next check starts a
         // round of its own, which sends its own message.
         let second = tokio::spawn({
             let checks = Arc::clone(&checks);
-            async move { checks.confirm(1, 3, vec![4, 5], 1).await }
+            async move { checks.confirm(1, 3, own(&[4, 5]), 1).await }
         });
         asked.recv().await.expect("the transport is alive");
         release.add_permits(Semaphore::MAX_PERMITS / 2);
@@ -860,7 +971,7 @@ mod tests {
     #[tokio::test]
     async fn an_embedded_node_confirms_only_groups_it_alone_votes_in() {
         let checks = LeadershipChecks::with_transport(None);
-        assert_eq!(checks.confirm(1, 1, vec![], 0).await, Outcome::Confirmed);
-        assert_eq!(checks.confirm(1, 1, vec![2], 1).await, Outcome::NoQuorum);
+        assert_eq!(checks.confirm(1, 1, own(&[]), 0).await, Outcome::Confirmed);
+        assert_eq!(checks.confirm(1, 1, own(&[2]), 1).await, Outcome::NoQuorum);
     }
 }

@@ -18,6 +18,17 @@
 //! peer traffic ─► server::raft (shard id in every message) ─► that shard's Raft
 //! ```
 //!
+//! **Raft ids are replica ids.** A shard group's Raft ids name replicas, not nodes
+//! (`docs/design/membership.md` D3, §2): a Raft id must never be reused by a replica that
+//! starts from an empty log, and a shard can return to a node it left. The group's membership
+//! names each replica's node ([`raft::replica_node`]; a legacy entry means node = replica
+//! id). Everything that reaches a peer goes by node: [`raft::network`] connects to the
+//! replica's node and names the replica in the message (the receiver refuses one for a
+//! replica it does not host), [`leadership`] asks each voter's node about that voter,
+//! [`hibernation`] counts a replica reachable when its node is, and leader hints
+//! (`NotLeader`, `x-kvnode-leader`) are nodes. Until replicas move (issue 17, milestone M3)
+//! every replica id equals its node id.
+//!
 //! Modules import downward only: [`storage`] knows nothing of Raft (it stores opaque bytes);
 //! [`raft`] adapts openraft to storage and is the only module that names openraft storage
 //! types; [`sharding`] and `cluster` are pure functions; [`shard`] runs one replica;
@@ -143,7 +154,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`storage`] | the data directory: [`storage::wal`] (segments, group commit, recovery), [`storage::state_tree`] (sled trees per shard), [`storage::snapshot_file`] (snapshot files), [`storage::codec`] (framing) |
-//! | [`raft`] | openraft type config, [`raft::Command`], [`raft::LogStore`], [`raft::StateMachine`] |
+//! | [`raft`] | openraft type config, [`raft::Command`], [`raft::LogStore`], [`raft::StateMachine`], the peer network, replica → node ([`raft::replica_node`]) |
 //! | [`config`] | [`Config`]: one documented struct, defaults, `validate()` |
 //! | [`error`] | the public [`Error`]: definite or indeterminate, retryable or not |
 //! | [`sharding`] | key → shard: the consistent-hash ring (pure, property-tested) |
@@ -157,7 +168,7 @@
 //! | `router` | key → shard → local replica |
 //! | [`node`] | composition root and the key-value API: [`Node`] |
 //! | [`reply`] | what the API returns |
-//! | [`peers`] | a node's channels to its peers (Raft and forwarding apart) and the node-level calls: ping, leadership confirmation, read index; test partitions |
+//! | [`peers`] | a node's channels to its peers (Raft and forwarding apart; the node set can change at runtime, `Peers::update`) and the node-level calls: ping, leadership confirmation, read index; test partitions |
 //! | [`value`] | [`VersionedValue`]: a value and its version, shared by every layer |
 //! | [`pb`] | generated gRPC code, the wire ↔ domain conversions, the error ↔ status mapping ([`pb::status`]), the message limit |
 //! | [`server`] | tonic services: client API with forwarding ([`server::kv`]), peer transport ([`server::raft`]) |

@@ -3,10 +3,18 @@
 //! follower's read-index request to a shard's leader, request forwarding, and the test-only
 //! partitions (`cut_off`, `cut_off_outbound`). Each shard's openraft traffic goes over the
 //! same channels through [`crate::raft::network::ShardNetwork`].
+//!
+//! The node set can change while the node runs ([`Peers::update`]; the cluster map's META
+//! group will call it from milestone M2 on, `docs/design/membership.md` §1.4): the set and its
+//! channels are one immutable value behind a lock, replaced whole, and every call clones the
+//! current `Arc` (a read lock held for a map lookup, never across an await). A call already
+//! made to a node that is then dropped keeps its channel and finishes; a new call to it fails
+//! as unreachable.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -38,10 +46,10 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 pub struct Peers {
     self_id: u64,
     cluster_id: String,
-    addrs: BTreeMap<u64, String>,
-    channels: BTreeMap<u64, Channel>,
-    /// Request forwarding only (`server::kv`): never shares a connection with `channels`.
-    forward_channels: BTreeMap<u64, Channel>,
+    /// The current node set and its channels, replaced whole by [`Peers::update`].
+    links: RwLock<Arc<Links>>,
+    /// How a channel to a new or moved node is set up.
+    settings: LinkSettings,
     rpc_timeout: Duration,
     warnings: WarnLimiter,
     /// Fault injection (tests): nodes this node neither sends to nor accepts messages from.
@@ -53,35 +61,71 @@ pub struct Peers {
     heard_from: Mutex<BTreeMap<u64, Instant>>,
 }
 
+/// The node set at one time: every node's address (this node's included) and a [`Link`] to
+/// each other node.
+#[derive(Debug, Default)]
+struct Links {
+    addrs: BTreeMap<u64, String>,
+    links: BTreeMap<u64, Arc<Link>>,
+}
+
+/// The two channels to one other node (see [`Peers`]), for the address they connect to.
+#[derive(Debug)]
+struct Link {
+    addr: String,
+    /// Raft traffic and node-level messages.
+    raft: Channel,
+    /// Request forwarding only (`server::kv`): never shares a connection with `raft`.
+    forward: Channel,
+}
+
+/// The settings of every peer channel, from the node's [`Config`].
+#[derive(Debug, Clone, Copy)]
+struct LinkSettings {
+    connect_timeout: Duration,
+    source_ip: Option<IpAddr>,
+}
+
+impl LinkSettings {
+    /// Two lazily connected channels to `node` at `addr`: nothing connects yet.
+    fn link(&self, node: u64, addr: &str) -> Result<Link> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::InvalidArgument(format!("peer {node} address {addr:?}: {e}")))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            // Send from the configured source IP, so per-pair packet filters (the fault
+            // harness) can tell this node's traffic from other nodes' on loopback.
+            .local_address(self.source_ip);
+        // Each `connect_lazy` is a channel with a connection of its own.
+        Ok(Link {
+            addr: addr.to_string(),
+            raft: endpoint.connect_lazy(),
+            forward: endpoint.connect_lazy(),
+        })
+    }
+}
+
 impl Peers {
     /// Channels to every peer in `config.peers` except this node. Nothing connects yet.
     pub fn new(config: &Config) -> Result<Arc<Peers>> {
-        let mut channels = BTreeMap::new();
-        let mut forward_channels = BTreeMap::new();
-        for (id, addr) in &config.peers {
-            if *id == config.node_id {
-                continue;
-            }
-            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| Error::InvalidArgument(format!("peer {id} address {addr:?}: {e}")))?
-                .connect_timeout(Duration::from_millis(config.heartbeat_interval_ms.max(500)))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .keep_alive_while_idle(true)
-                // Send from the configured source IP, so per-pair packet filters (the fault
-                // harness) can tell this node's traffic from other nodes' on loopback.
-                .local_address(config.peer_source_ip);
-            // Each `connect_lazy` is a channel with a connection of its own.
-            forward_channels.insert(*id, endpoint.connect_lazy());
-            channels.insert(*id, endpoint.connect_lazy());
-        }
+        let settings = LinkSettings {
+            connect_timeout: Duration::from_millis(config.heartbeat_interval_ms.max(500)),
+            source_ip: config.peer_source_ip,
+        };
+        let nodes: Vec<(u64, String)> = config
+            .peers
+            .iter()
+            .map(|(id, addr)| (*id, addr.clone()))
+            .collect();
+        let links = Self::links(config.node_id, settings, &Links::default(), &nodes)?;
         Ok(Arc::new(Peers {
             self_id: config.node_id,
             cluster_id: config.cluster_id.clone(),
-            addrs: config.peers.clone(),
-            channels,
-            forward_channels,
+            links: RwLock::new(Arc::new(links)),
+            settings,
             rpc_timeout: config.request_timeout(),
             warnings: WarnLimiter::default(),
             cut_off: Default::default(),
@@ -90,11 +134,58 @@ impl Peers {
         }))
     }
 
+    /// The node set `nodes` (this node may be among them), reusing `old`'s link to every node
+    /// whose address is unchanged. Fails, building nothing, on an address that is not one.
+    fn links(
+        self_id: u64,
+        settings: LinkSettings,
+        old: &Links,
+        nodes: &[(u64, String)],
+    ) -> Result<Links> {
+        let mut links = Links::default();
+        for (node, addr) in nodes {
+            links.addrs.insert(*node, addr.clone());
+            if *node == self_id {
+                continue;
+            }
+            let link = match old.links.get(node) {
+                Some(link) if link.addr == *addr => Arc::clone(link),
+                _ => Arc::new(settings.link(*node, addr)?),
+            };
+            links.links.insert(*node, link);
+        }
+        Ok(links)
+    }
+
+    /// Makes `nodes` (id, address) the node set: channels for new nodes, new channels for a
+    /// node whose address changed, none any more for a node left out. A call in flight keeps
+    /// the channel it has and finishes; later calls to a dropped node fail as unreachable, and
+    /// its messages are no longer admitted ([`Peers::admit_from`]). An invalid address fails
+    /// the whole update and changes nothing.
+    pub fn update(&self, nodes: &[(u64, String)]) -> Result<()> {
+        let mut current = self.links.write().unwrap_or_else(|p| p.into_inner());
+        let links = Self::links(self.self_id, self.settings, &current, nodes)?;
+        let links = Arc::new(links);
+        *current = Arc::clone(&links);
+        drop(current);
+        // A dropped node that returns starts with no arrival on record.
+        self.heard_from
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|node, _| links.addrs.contains_key(node));
+        Ok(())
+    }
+
+    /// The current node set (a cheap clone of an `Arc`).
+    fn current(&self) -> Arc<Links> {
+        Arc::clone(&self.links.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// The Raft channel to `node`, cut off or not: a shard's openraft client outlives
     /// partitions (openraft makes one per replication stream), so it checks the cut on every
-    /// call instead.
+    /// call instead. `None` if `node` is not in the current node set.
     pub(crate) fn raft_channel(&self, node: u64) -> Option<Channel> {
-        self.channels.get(&node).cloned()
+        self.current().links.get(&node).map(|l| l.raft.clone())
     }
 
     /// True if a warning about `key` may be logged now (see [`WarnLimiter`]).
@@ -118,7 +209,7 @@ impl Peers {
         if self.is_cut_off(node) {
             return None;
         }
-        self.forward_channels.get(&node).cloned()
+        self.current().links.get(&node).map(|l| l.forward.clone())
     }
 
     /// The channel to `node`, if it is a peer (and not cut off by a test partition).
@@ -126,7 +217,7 @@ impl Peers {
         if self.is_cut_off(node) {
             return None;
         }
-        self.channels.get(&node).cloned()
+        self.raft_channel(node)
     }
 
     /// Fault injection for tests: from now on this node sends nothing to `nodes` and refuses
@@ -170,11 +261,13 @@ impl Peers {
     }
 
     /// The transport's server side calls this for every message from member `node`: false
-    /// if a test partition refuses `node`'s messages ([`Peers::cut_off`]); otherwise it records
-    /// that `node` reached this node now, the inbound half of [`crate::hibernation`]'s
-    /// liveness, and returns true.
+    /// if `node` is not another node of the current set, or a test partition refuses its
+    /// messages ([`Peers::cut_off`]); otherwise it records that `node` reached this node now,
+    /// the inbound half of [`crate::hibernation`]'s liveness, and returns true.
     pub(crate) fn admit_from(&self, node: u64) -> bool {
-        if self.cut_off.read().expect("cut_off lock").contains(&node) {
+        if !self.current().links.contains_key(&node)
+            || self.cut_off.read().expect("cut_off lock").contains(&node)
+        {
             return false;
         }
         let mut heard = self
@@ -194,14 +287,19 @@ impl Peers {
             .copied()
     }
 
-    /// `node`'s address as configured.
-    pub fn addr(&self, node: u64) -> Option<&str> {
-        self.addrs.get(&node).map(String::as_str)
+    /// True if `node` is another node of the current set.
+    pub fn is_peer(&self, node: u64) -> bool {
+        self.current().links.contains_key(&node)
     }
 
-    /// Every node id of the cluster, this one included.
-    pub fn node_ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.addrs.keys().copied()
+    /// `node`'s address in the current set.
+    pub fn addr(&self, node: u64) -> Option<String> {
+        self.current().addrs.get(&node).cloned()
+    }
+
+    /// Every node id of the current set, this one included (if it is in the set).
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.current().addrs.keys().copied().collect()
     }
 
     /// Deadline for one request to a peer.
@@ -209,9 +307,10 @@ impl Peers {
         self.rpc_timeout
     }
 
-    /// Asks `leader` for a read index of `shard` (a follower's linearizable read). The reply
-    /// is an index every write acknowledged before the request was sent is at or below.
-    pub async fn read_index(&self, leader: u64, shard: u64) -> Result<u64> {
+    /// Asks node `leader` for a read index of `shard` from its replica `replica` (0: legacy,
+    /// the replica whose id is its node id), for a follower's linearizable read. The reply is
+    /// an index every write acknowledged before the request was sent is at or below.
+    pub async fn read_index(&self, leader: u64, replica: u64, shard: u64) -> Result<u64> {
         let unavailable = |reason: String| Error::Unavailable { shard, reason };
         if self.is_cut_off(leader) {
             return Err(unavailable(format!("the link to leader {leader} is cut")));
@@ -228,6 +327,8 @@ impl Peers {
                 from_node: self.self_id,
                 cluster_id: self.cluster_id.clone(),
                 shard,
+                map_epoch: 0,
+                replica,
             }),
             payload: Vec::new(),
         });
@@ -310,6 +411,9 @@ impl Peers {
             from_node: self.self_id,
             cluster_id: self.cluster_id.clone(),
             shard: 0,
+            // No cluster map yet (milestone M2).
+            map_epoch: 0,
+            replica: 0,
         }
     }
 }
@@ -367,6 +471,172 @@ impl WarnLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::pb::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
+    use crate::pb::raft::{ConfirmReply, RaftReply, SnapshotChunk};
+    use tokio::sync::Semaphore;
+    use tonic::{Request, Response, Status, Streaming};
+
+    /// A peer whose `Ping` answers (boot id 7) once `release` has a permit; `arrived` gets a
+    /// permit per ping received. Nothing else is served.
+    struct HeldPing {
+        arrived: Arc<Semaphore>,
+        release: Arc<Semaphore>,
+    }
+
+    #[tonic::async_trait]
+    impl RaftTransport for HeldPing {
+        async fn append_entries(
+            &self,
+            _: Request<RaftRequest>,
+        ) -> Result<Response<RaftReply>, Status> {
+            Err(Status::unimplemented("test peer"))
+        }
+        async fn vote(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            Err(Status::unimplemented("test peer"))
+        }
+        async fn pre_vote(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            Err(Status::unimplemented("test peer"))
+        }
+        async fn read_index(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            Err(Status::unimplemented("test peer"))
+        }
+        async fn install_snapshot(
+            &self,
+            _: Request<Streaming<SnapshotChunk>>,
+        ) -> Result<Response<RaftReply>, Status> {
+            Err(Status::unimplemented("test peer"))
+        }
+        async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+            self.arrived.add_permits(1);
+            self.release.acquire().await.expect("open").forget();
+            Ok(Response::new(PingReply {
+                boot_id: 7,
+                leading: Vec::new(),
+            }))
+        }
+        async fn confirm_leadership(
+            &self,
+            _: Request<ConfirmRequest>,
+        ) -> Result<Response<ConfirmReply>, Status> {
+            Err(Status::unimplemented("test peer"))
+        }
+    }
+
+    fn config(peers: &[(u64, &str)]) -> Config {
+        Config {
+            node_id: 1,
+            peers: peers.iter().map(|(id, a)| (*id, a.to_string())).collect(),
+            ..Config::default()
+        }
+    }
+
+    /// The link `peers` holds to `node` now.
+    fn link(peers: &Peers, node: u64) -> Option<Arc<Link>> {
+        peers.current().links.get(&node).cloned()
+    }
+
+    #[tokio::test]
+    async fn update_adds_replaces_and_drops_nodes() {
+        let peers = Peers::new(&config(&[
+            (1, "127.0.0.1:7001"),
+            (2, "127.0.0.1:7002"),
+            (3, "127.0.0.1:7003"),
+        ]))
+        .unwrap();
+        assert_eq!(peers.node_ids(), vec![1, 2, 3]);
+        assert!(peers.channel(3).is_some() && peers.channel(4).is_none());
+        assert!(peers.channel(1).is_none(), "no channel to this node itself");
+        assert!(peers.admit_from(3) && !peers.admit_from(4) && !peers.admit_from(1));
+        let two = link(&peers, 2).unwrap();
+
+        // Node 3 leaves, node 4 joins, node 2 stays where it was.
+        let nodes = |list: &[(u64, &str)]| -> Vec<(u64, String)> {
+            list.iter().map(|(id, a)| (*id, a.to_string())).collect()
+        };
+        peers
+            .update(&nodes(&[
+                (1, "127.0.0.1:7001"),
+                (2, "127.0.0.1:7002"),
+                (4, "127.0.0.1:7004"),
+            ]))
+            .unwrap();
+        assert_eq!(peers.node_ids(), vec![1, 2, 4]);
+        assert!(peers.channel(3).is_none() && peers.raft_channel(3).is_none());
+        assert!(peers.forward_channel(3).is_none());
+        assert!(!peers.is_peer(3) && !peers.admit_from(3));
+        assert_eq!(
+            peers.heard_from(3),
+            None,
+            "a dropped node's arrivals are forgotten"
+        );
+        assert!(peers.channel(4).is_some() && peers.forward_channel(4).is_some());
+        assert!(peers.admit_from(4));
+        assert_eq!(peers.addr(4).as_deref(), Some("127.0.0.1:7004"));
+        assert!(
+            Arc::ptr_eq(&two, &link(&peers, 2).unwrap()),
+            "an unchanged node keeps its channels (and their connections)"
+        );
+
+        // Node 2 moves: new channels to its new address.
+        peers
+            .update(&nodes(&[
+                (1, "127.0.0.1:7001"),
+                (2, "127.0.0.1:7012"),
+                (4, "127.0.0.1:7004"),
+            ]))
+            .unwrap();
+        let moved = link(&peers, 2).unwrap();
+        assert!(!Arc::ptr_eq(&two, &moved));
+        assert_eq!(moved.addr, "127.0.0.1:7012");
+        assert_eq!(peers.addr(2).as_deref(), Some("127.0.0.1:7012"));
+
+        // An invalid address changes nothing.
+        let refused = peers.update(&nodes(&[(1, "127.0.0.1:7001"), (5, "not an address\n")]));
+        assert!(
+            matches!(refused, Err(Error::InvalidArgument(_))),
+            "{refused:?}"
+        );
+        assert_eq!(peers.node_ids(), vec![1, 2, 4]);
+        assert!(Arc::ptr_eq(&moved, &link(&peers, 2).unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_call_in_flight_to_a_dropped_node_finishes_and_new_calls_fail() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let arrived = Arc::new(Semaphore::new(0));
+        let release = Arc::new(Semaphore::new(0));
+        let service = RaftTransportServer::new(HeldPing {
+            arrived: Arc::clone(&arrived),
+            release: Arc::clone(&release),
+        });
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let peers = Peers::new(&config(&[(1, "127.0.0.1:7001"), (2, &addr)])).unwrap();
+        let timeout = Duration::from_secs(30);
+        let in_flight = tokio::spawn({
+            let peers = Arc::clone(&peers);
+            async move { peers.ping(2, 1, timeout).await }
+        });
+        // The ping reached node 2, which holds its answer.
+        arrived.acquire().await.unwrap().forget();
+        peers.update(&[(1, "127.0.0.1:7001".to_string())]).unwrap();
+        let refused = peers.ping(2, 1, timeout).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.contains("not a reachable peer")),
+            "{refused:?}"
+        );
+        release.add_permits(1);
+        let answer = in_flight.await.unwrap();
+        assert_eq!(answer.map(|a| a.boot_id), Ok(7));
+        server.abort();
+    }
 
     #[test]
     fn warnings_are_limited_per_key() {

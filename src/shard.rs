@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use openraft::async_runtime::watch::WatchReceiver;
 
-use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::error::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
 use openraft::metrics::WaitError;
 use openraft::network::{NetSnapshot, RaftNetworkFactory};
 use openraft::{BasicNode, ReadPolicy, SnapshotPolicy};
@@ -38,9 +38,10 @@ use crate::config::Config;
 use crate::consistency::{Fallback, ReadLevel, ReadReceipt, ServedLevel, Staleness};
 use crate::error::{Error, Result};
 use crate::hibernation::{Activity, Group};
-use crate::leadership::{LeadershipChecks, Outcome};
+use crate::leadership::{LeadershipChecks, Outcome, Voter};
 use crate::peers::Peers;
 use crate::raft::commit_horizon::CommitHorizon;
+use crate::raft::replica_node::{node_of, replica_node};
 use crate::raft::{
     Command, CommandResult, LogStore, ShardRaft, StateMachine, StateReader, TypeConfig,
     VersionedValue,
@@ -51,7 +52,7 @@ use crate::storage::{SnapshotFile, Store};
 /// A replica's view of its shard, from openraft's metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardView {
-    /// The leader this replica knows of.
+    /// The node of the leader this replica knows of (a node id, not the leader's replica id).
     pub leader: Option<u64>,
     /// The current term.
     pub term: u64,
@@ -69,6 +70,9 @@ pub struct ShardView {
 pub struct Shard {
     id: u64,
     node_id: u64,
+    /// This replica's Raft id in its group (see [`crate::raft::replica_node`]): the node id
+    /// until replicas move (milestone M3 takes it from the cluster map).
+    replica: u64,
     raft: ShardRaft,
     reader: StateReader,
     timeout: Duration,
@@ -108,6 +112,7 @@ impl std::fmt::Debug for Shard {
         f.debug_struct("Shard")
             .field("id", &self.id)
             .field("node", &self.node_id)
+            .field("replica", &self.replica)
             .finish()
     }
 }
@@ -164,7 +169,9 @@ impl Shard {
         #[cfg(feature = "planted-bugs")]
         let stall = sm.stall();
         let raft_config = Arc::new(raft_config(config, id)?);
-        let raft = ShardRaft::new(config.node_id, raft_config, network, log.clone(), sm)
+        // Every replica id equals its node id until replicas move (milestone M3).
+        let replica = config.node_id;
+        let raft = ShardRaft::new(replica, raft_config, network, log.clone(), sm)
             .await
             .map_err(|e| Error::ShardStopped {
                 shard: id,
@@ -180,6 +187,7 @@ impl Shard {
         Ok(Shard {
             id,
             node_id,
+            replica,
             raft,
             reader,
             timeout: config.request_timeout(),
@@ -217,11 +225,45 @@ impl Shard {
         &self.raft
     }
 
+    /// This replica's Raft id in its group, the id a peer message for it names
+    /// (`PeerHeader.replica`, `ConfirmItem.replica`). Equal to the node id until replicas
+    /// move (milestone M3 changes only where it comes from).
+    pub fn replica_id(&self) -> u64 {
+        self.replica
+    }
+
+    /// The node of the group's leader as this replica knows it: openraft's leader replica id
+    /// mapped through the membership (leader hints, `x-kvnode-leader` and `NotLeader`, are
+    /// node ids). `None` if no leader is known or its membership entry names no node.
+    pub fn leader_node(&self) -> Option<u64> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        node_in(self.id, &m, m.current_leader?)
+    }
+
+    /// The replica of this group that the membership places on `node`, or 0 (a legacy
+    /// request: the receiver's node id) if it places none there.
+    fn replica_on(&self, node: u64) -> u64 {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.membership_config
+            .membership()
+            .nodes()
+            .find(|(replica, entry)| node_of(**replica, entry) == Ok(node))
+            .map_or(0, |(replica, _)| *replica)
+    }
+
+    /// The node of the leader a refused request was sent on to (openraft's `ForwardToLeader`
+    /// names a replica id, and usually its membership entry).
+    fn forward_hint(&self, f: &ForwardToLeader<TypeConfig>) -> Option<u64> {
+        leader_hint(self.id, &self.raft, f)
+    }
+
     /// This replica's view of the shard (never blocks).
     pub fn view(&self) -> ShardView {
         let m = self.raft.metrics().borrow_watched().clone();
         ShardView {
-            leader: m.current_leader,
+            leader: m.current_leader.and_then(|l| node_in(self.id, &m, l)),
             term: m.current_term,
             commit_index: m.cluster_committed.or(m.local_committed).map(|l| l.index()),
             applied_index: m.last_applied.map(|l| l.index()),
@@ -261,8 +303,10 @@ impl Shard {
         }
     }
 
-    /// Initializes the group with `voters` if it never was (exactly once per group, on one
-    /// node). Returns whether this call initialized it.
+    /// Initializes the group with `voters` (node ids, each hosting the replica of the same id)
+    /// if it never was (exactly once per group, on one node). Returns whether this call
+    /// initialized it. The membership names each replica's node in the encoding of
+    /// [`crate::raft::replica_node`].
     pub async fn initialize_if_new(&self, voters: &[u64]) -> Result<bool> {
         let stopped = |e: &dyn std::fmt::Display| Error::ShardStopped {
             shard: self.id,
@@ -272,7 +316,7 @@ impl Shard {
             return Ok(false);
         }
         let members: BTreeMap<u64, BasicNode> =
-            voters.iter().map(|v| (*v, BasicNode::default())).collect();
+            voters.iter().map(|v| (*v, replica_node(*v))).collect();
         self.raft
             .initialize(members)
             .await
@@ -280,7 +324,8 @@ impl Shard {
         Ok(true)
     }
 
-    /// Waits until this replica knows a leader of the group (itself or another node).
+    /// Waits until this replica knows a leader of the group (itself or another node); returns
+    /// the leader's node (its replica id if its membership entry names no node).
     pub async fn wait_for_leader(&self, timeout: Duration) -> Result<u64> {
         let metrics = self
             .raft
@@ -288,7 +333,8 @@ impl Shard {
             .metrics(|m| m.current_leader.is_some(), "a leader is known")
             .await
             .map_err(|e| self.wait_error(e, "waiting for a leader", false))?;
-        Ok(metrics.current_leader.unwrap_or(self.node_id))
+        let leader = metrics.current_leader.unwrap_or(self.replica);
+        Ok(node_in(self.id, &metrics, leader).unwrap_or(leader))
     }
 
     /// Asks this replica to campaign now instead of after an election timeout (used when it is
@@ -347,11 +393,11 @@ impl Shard {
         match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Error::NotLeader {
                 shard: self.id,
-                leader_hint: f.leader_id,
+                leader_hint: self.forward_hint(&f),
             },
             RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => Error::LeaderChanged {
                 shard: self.id,
-                leader_hint: f.leader_id,
+                leader_hint: self.forward_hint(&f),
             },
             RaftError::APIError(other) => Error::Unavailable {
                 shard: self.id,
@@ -496,14 +542,16 @@ impl Shard {
     }
 
     /// A read index for this shard from wherever the leader is; records the freshness it proves.
+    /// The leader is addressed by node (a `NotLeader` hint from the asked node is a node id
+    /// too), and the request names the replica this replica's membership places there.
     pub async fn read_index(&self) -> Result<u64> {
         let started = BootInstant::now();
-        let mut leader = self.raft.metrics().borrow_watched().current_leader;
+        let mut leader = self.leader_node();
         for _ in 0..2 {
             let result = match leader {
                 Some(l) if l == self.node_id => self.leader_read_index().await,
                 Some(l) => match &self.peers {
-                    Some(peers) => peers.read_index(l, self.id).await,
+                    Some(peers) => peers.read_index(l, self.replica_on(l), self.id).await,
                     None => Err(Error::Unavailable {
                         shard: self.id,
                         reason: "no peer transport".into(),
@@ -557,10 +605,12 @@ impl Shard {
     async fn confirmed_read_index(&self) -> Option<u64> {
         // The term of an applied entry this replica proposed.
         let position = self.reader.applied_position();
-        if position.leader != self.node_id {
+        if position.leader != self.replica {
             return None;
         }
-        let voters: Vec<u64> = {
+        // The voters, each with the node hosting it (a voter whose node is unknown sends the
+        // read to openraft's round).
+        let voters: Vec<Voter> = {
             let metrics = self.raft.metrics();
             let m = metrics.borrow_watched();
             // Leading right now, in that term, with a vote a quorum granted: a replica
@@ -568,7 +618,7 @@ impl Shard {
             // new election, even while its peers still hold the old vote.
             if m.state != openraft::ServerState::Leader
                 || !m.vote.committed
-                || m.vote.leader_id.node_id != self.node_id
+                || m.vote.leader_id.node_id != self.replica
                 || m.vote.leader_id.term != position.term
             {
                 return None;
@@ -579,18 +629,28 @@ impl Shard {
                 .get_joint_config()
                 .as_slice()
             {
-                [voters] => voters.iter().copied().collect(),
+                [voters] => voters
+                    .iter()
+                    .map(|&replica| {
+                        let node = node_in(self.id, &m, replica)?;
+                        Some(Voter { replica, node })
+                    })
+                    .collect::<Option<_>>()?,
                 _ => return None,
             }
         };
         // And the stored vote (the one peers are asked about) still ours of that term.
-        if !voters.contains(&self.node_id) || !self.log.holds_vote_for(position.term, self.node_id)
+        if !voters.iter().any(|v| v.replica == self.replica)
+            || !self.log.holds_vote_for(position.term, self.replica)
         {
             return None;
         }
         let index = self.captured_read_index(position.index);
         let need = voters.len() / 2; // a majority, less this replica's own vote
-        let others = voters.into_iter().filter(|v| *v != self.node_id).collect();
+        let others = voters
+            .into_iter()
+            .filter(|v| v.replica != self.replica)
+            .collect();
         match self
             .checks
             .confirm(self.id, position.term, others, need)
@@ -638,6 +698,7 @@ impl Shard {
     async fn raft_read_index(&self) -> Result<u64> {
         let raft = self.raft.clone();
         let timeout = self.timeout;
+        let shard = self.id;
         self.rounds
             .read_index(move || {
                 let raft = raft.clone();
@@ -651,7 +712,7 @@ impl Shard {
                         Err(_) => Err(RoundError::Unavailable("read-index round timed out".into())),
                         Ok(Ok(linearizer)) => Ok(linearizer.read_log_id().index()),
                         Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
-                            Err(RoundError::NotLeader(f.leader_id))
+                            Err(RoundError::NotLeader(leader_hint(shard, &raft, &f)))
                         }
                         Ok(Err(e)) => Err(RoundError::Unavailable(e.to_string())),
                     }
@@ -748,7 +809,7 @@ impl Shard {
             Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
                 Err(Error::NotLeader {
                     shard: self.id,
-                    leader_hint: f.leader_id,
+                    leader_hint: self.forward_hint(&f),
                 })
             }
             Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)))) => {
@@ -821,7 +882,7 @@ impl Shard {
 
     /// Whether this replica believes it leads the shard (openraft's metrics, no round trip).
     fn planted_believes_leader(&self) -> bool {
-        self.raft.metrics().borrow_watched().current_leader == Some(self.node_id)
+        self.raft.metrics().borrow_watched().current_leader == Some(self.replica)
     }
 
     /// `follower-local-read`: a linearizable read on a non-leader serves local state at once.
@@ -855,7 +916,7 @@ impl Shard {
             _ => return None,
         };
         let out_of_touch = if bug == Bug::FollowerLocalRead {
-            let leader = self.raft.metrics().borrow_watched().current_leader;
+            let leader = self.leader_node();
             let heard = leader.and_then(|l| self.peers.as_ref()?.heard_from(l));
             heard.is_none_or(|t| t.elapsed() > self.lease_renew_after)
         } else {
@@ -978,6 +1039,31 @@ impl Shard {
                 }
             },
         )
+    }
+}
+
+/// The node hosting `replica` of `shard`'s group, through the membership in `m`. `None` if the
+/// membership does not list it, or its entry names no node (logged: a membership written by
+/// a newer build, or damaged).
+fn node_in(shard: u64, m: &openraft::RaftMetrics<TypeConfig>, replica: u64) -> Option<u64> {
+    let entry = m.membership_config.membership().get_node(&replica)?;
+    entry_node(shard, replica, entry)
+}
+
+/// The node a membership entry names, or `None` (logged) if it names none.
+fn entry_node(shard: u64, replica: u64, entry: &BasicNode) -> Option<u64> {
+    node_of(replica, entry)
+        .inspect_err(|e| tracing::warn!(shard, error = %e, "a replica's node is unknown"))
+        .ok()
+}
+
+/// The node of the leader named by `f`: from its membership entry if openraft sent it, else
+/// through the group's current membership.
+fn leader_hint(shard: u64, raft: &ShardRaft, f: &ForwardToLeader<TypeConfig>) -> Option<u64> {
+    let leader = f.leader_id?;
+    match &f.leader_node {
+        Some(entry) => entry_node(shard, leader, entry),
+        None => node_in(shard, &raft.metrics().borrow_watched(), leader),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod command;
 pub mod commit_horizon;
 pub mod log_store;
 pub mod network;
+pub mod replica_node;
 pub mod state_machine;
 
 pub use command::{Command, CommandResult, VersionedValue};
@@ -21,7 +22,9 @@ pub use state_machine::{SnapshotBuilder, StateMachine, StateReader};
 pub type ShardRaft = openraft::Raft<TypeConfig, StateMachine>;
 
 openraft::declare_raft_types!(
-    /// kvnode's openraft type configuration: u64 node ids, [`Command`] as log payload.
+    /// kvnode's openraft type configuration: u64 Raft ids (replica ids, see
+    /// [`replica_node`]), [`Command`] as log payload, and `BasicNode` membership entries that
+    /// name each replica's node.
     pub TypeConfig:
         D = Command,
         R = CommandResult,

@@ -6,7 +6,8 @@
 //!
 //! # Wire contract (`proto/raft.proto`, served by `server::raft`)
 //!
-//! Every request carries a `PeerHeader` (sender, cluster id, shard) and a payload: the bincode
+//! Every request carries a `PeerHeader` (sender, cluster id, shard, target replica, and the
+//! sender's cluster-map epoch, always 0 until milestone M2) and a payload: the bincode
 //! ([`encode_serde`]) of the openraft request. Every reply payload is the bincode of
 //! `Result<Response, RaftError>` exactly as the receiving `Raft` returned it. A snapshot travels
 //! as a client stream of slices of its file (at most [`SNAPSHOT_CHUNK_BYTES`] each), the first
@@ -16,13 +17,23 @@
 //!
 //! - deadline passed → `Timeout` (openraft retries soon);
 //! - peer down, connection refused or reset → `Unreachable` (openraft backs off);
-//! - the peer refuses us (other cluster, unknown sender, shard not hosted there, undecodable
-//!   message) or its replica of the shard has stopped → `Unreachable` too, since retrying at
-//!   once cannot help; these are configuration problems, logged at warn at most once a minute
-//!   per peer and reason;
+//! - the peer refuses us (other cluster, unknown sender, shard or replica not hosted there,
+//!   undecodable message) or its replica of the shard has stopped → `Unreachable` too, since
+//!   retrying at once cannot help; these are configuration problems, logged at warn at most
+//!   once a minute per peer and reason;
 //! - anything else → `Network` (retried a few times, then backed off).
 //!
-//! A client never opens a connection: it clones the node-wide channel of its target.
+//! A client never opens a connection: it clones the node-wide channel of its target's node.
+//!
+//! # Replicas and nodes
+//!
+//! openraft addresses a *replica* (the group's Raft id, `target`); the membership entry it
+//! passes along says which node hosts it ([`crate::raft::replica_node`]). A [`PeerClient`]
+//! keeps both: messages go over the channel to the node and name the replica in
+//! `PeerHeader.replica`, so a node that does not host that replica refuses them (`NOT_FOUND`)
+//! instead of handing them to another incarnation of the shard; partitions and the peer list
+//! are about nodes. A membership entry that names no node gives a client whose every call is
+//! `Unreachable` (a configuration problem, logged like the others).
 
 use std::fmt;
 use std::future::Future;
@@ -49,6 +60,7 @@ use crate::pb::raft::raft_transport_client::RaftTransportClient;
 use crate::pb::raft::{PeerHeader, RaftRequest, SnapshotChunk};
 use crate::peers::Peers;
 use crate::raft::commit_horizon::CommitHorizon;
+use crate::raft::replica_node::{MalformedReplicaNode, node_of};
 use crate::raft::{Snapshot, TypeConfig, Vote};
 use crate::storage::SnapshotFile;
 use crate::storage::codec::{decode_serde, encode_serde};
@@ -146,33 +158,31 @@ impl ShardNetwork {
 impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
     type Network = PeerClient;
 
-    /// Cheap: clones the node-wide channel to `target` (no connection is made here).
-    async fn new_client(&mut self, target: u64, _node: &openraft::BasicNode) -> PeerClient {
-        // The channel itself, not `Peers::channel`: a client outlives partitions (openraft makes
-        // one per replication stream), and the cut is checked on every call instead.
-        let client = self.peers.raft_channel(target).map(|channel| {
-            RaftTransportClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES)
-        });
+    /// Cheap: no connection is made here. Replica `target` is reached on the node its
+    /// membership entry `node` names.
+    async fn new_client(&mut self, target: u64, node: &openraft::BasicNode) -> PeerClient {
         PeerClient {
             peers: Arc::clone(&self.peers),
             shard: self.shard,
             target,
-            client,
+            node: node_of(target, node),
             horizon: Arc::clone(&self.horizon),
         }
     }
 }
 
-/// One shard's client of one peer: every call goes over the node-wide channel to `target`.
-/// A target missing from the peer list gets a client whose every call answers `Unreachable`.
+/// One shard's client of one peer replica: every call goes over the node-wide channel to the
+/// node hosting it, looked up per call (a client outlives partitions and changes of the node
+/// set: openraft keeps one per replication stream). A node missing from the current peer set,
+/// or a membership entry naming no node, gives `Unreachable` on every call.
 #[derive(Debug, Clone)]
 pub struct PeerClient {
     peers: Arc<Peers>,
     shard: u64,
+    /// The replica openraft addresses (its Raft id in the group).
     target: u64,
-    client: Option<RaftTransportClient<Channel>>,
+    /// The node hosting `target`: where messages go, and what partitions cut.
+    node: std::result::Result<u64, MalformedReplicaNode>,
     horizon: Arc<CommitHorizon>,
 }
 
@@ -206,12 +216,26 @@ impl Rpc {
 
 /// Why a peer call failed, as carried inside openraft's network errors.
 #[derive(Debug, thiserror::Error)]
-#[error("shard {shard}: {rpc} to node {target}: {detail}")]
+#[error("shard {shard}: {rpc} to replica {target} on {node}: {detail}")]
 struct PeerCallError {
     shard: u64,
     target: u64,
+    node: NodeName,
     rpc: &'static str,
     detail: String,
+}
+
+/// The node of a [`PeerCallError`], if its membership entry named one.
+#[derive(Debug)]
+struct NodeName(Option<u64>);
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(node) => write!(f, "node {node}"),
+            None => f.write_str("an unknown node"),
+        }
+    }
 }
 
 impl PeerClient {
@@ -219,6 +243,7 @@ impl PeerClient {
         PeerCallError {
             shard: self.shard,
             target: self.target,
+            node: NodeName(self.node.as_ref().ok().copied()),
             rpc: rpc.name(),
             detail: detail.to_string(),
         }
@@ -231,6 +256,7 @@ impl PeerClient {
             tracing::warn!(
                 node = self.peers.self_id(),
                 target = self.target,
+                target_node = ?self.node.as_ref().ok(),
                 shard = self.shard,
                 reason,
                 error = %error,
@@ -244,19 +270,35 @@ impl PeerClient {
             from_node: self.peers.self_id(),
             cluster_id: self.peers.cluster_id().to_string(),
             shard: self.shard,
+            // No cluster map yet (milestone M2).
+            map_epoch: 0,
+            replica: self.target,
         }
     }
 
-    /// The tonic client, or `Unreachable` for a target that is not in the peer list.
+    /// A tonic client on the channel to the target's node, or why there is none (every case
+    /// is `Unreachable` for openraft).
     fn client(&self, rpc: Rpc) -> Result<RaftTransportClient<Channel>, PeerCallError> {
-        if self.peers.is_cut_off(self.target) {
+        let node = match &self.node {
+            Ok(node) => *node,
+            Err(malformed) => {
+                let e = self.error(rpc, malformed);
+                self.warn_limited("unknown node", &e);
+                return Err(e);
+            }
+        };
+        if self.peers.is_cut_off(node) {
             return Err(self.error(rpc, "link cut by a test partition"));
         }
-        self.client.clone().ok_or_else(|| {
+        // The channel itself, not `Peers::channel`: the cut was just checked.
+        let channel = self.peers.raft_channel(node).ok_or_else(|| {
             let e = self.error(rpc, "not in this node's peer list");
             self.warn_limited("unknown target", &e);
             e
-        })
+        })?;
+        Ok(RaftTransportClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
     fn timeout(&self, rpc: Rpc, after: Duration) -> Timeout<TypeConfig> {

@@ -68,9 +68,7 @@ pub fn kv_service(node: Arc<Node>) -> KvServer<KvService> {
 impl KvService {
     fn status(&self, e: &Error) -> Status {
         let peers = self.node.peers().cloned();
-        to_status(e, move |id| {
-            peers.as_ref().and_then(|p| p.addr(id)).map(str::to_string)
-        })
+        to_status(e, move |id| peers.as_ref().and_then(|p| p.addr(id)))
     }
 
     /// Where to send a request for `key` that this node cannot serve after `error`, if
@@ -291,9 +289,10 @@ impl Kv for KvService {
         let nodes = match node.peers() {
             Some(peers) => peers
                 .node_ids()
+                .into_iter()
                 .map(|id| NodeInfo {
                     id,
-                    addr: peers.addr(id).unwrap_or_default().to_string(),
+                    addr: peers.addr(id).unwrap_or_default(),
                 })
                 .collect(),
             None => vec![NodeInfo {

@@ -12,13 +12,19 @@
 //! | the header is present | `INVALID_ARGUMENT` |
 //! | `cluster_id` is ours | `FAILED_PRECONDITION` (names both clusters) |
 //! | `from_node` is another member of our peer list | `PERMISSION_DENIED` |
-//! | the shard has a replica here | `NOT_FOUND` |
+//! | the shard has a replica here, and it is the header's `replica` | `NOT_FOUND` |
 //! | the payload decodes | `INVALID_ARGUMENT` |
+//!
+//! A shard group's Raft ids are replica ids, apart from node ids (`crate::raft::replica_node`):
+//! a message names the replica it is for, and one for a replica this node does not host (an
+//! older incarnation of the shard here, or a sender with an outdated membership) must not
+//! reach the replica it does host. A `replica` of 0 comes from a sender that predates replica
+//! ids and means this node's id. The replica hosted here is [`Shard::replica_id`].
 //!
 //! `Ping` (node-level liveness for hibernating idle groups) and `ConfirmLeadership` (node-level
 //! leadership checks for linearizable reads, see `crate::leadership`) get the first three checks
 //! only: they name no shard in the header and have no payload. A confirmation item naming a
-//! shard not hosted here is answered no.
+//! shard not hosted here, or a replica of it other than the one hosted here, is answered no.
 //!
 //! A refused peer is logged at warn at most once a minute per peer and reason. Payloads and
 //! replies are the bincode of openraft's messages; a reply is the `Result` the shard's `Raft`
@@ -85,14 +91,25 @@ impl RaftService {
     /// Checks `header` (see the module doc) and returns the local replica it addresses.
     fn admit(&self, header: Option<&PeerHeader>, rpc: &str) -> Result<&Shard, Status> {
         let header = self.admit_peer(header, rpc)?;
-        let config = self.node.config();
-        self.node.local_shard(header.shard).ok_or_else(|| {
+        let node = self.node.config().node_id;
+        let Some(shard) = self.node.local_shard(header.shard) else {
             let status = Status::not_found(format!(
-                "shard {} has no replica on node {}",
-                header.shard, config.node_id
+                "shard {} has no replica on node {node}",
+                header.shard
             ));
-            self.refuse(header, "shard not hosted", status)
-        })
+            return Err(self.refuse(header, "shard not hosted", status));
+        };
+        let wanted = addressed_replica(header.replica, node);
+        if wanted != shard.replica_id() {
+            let status = Status::not_found(format!(
+                "{rpc}: shard {}: replica {wanted} is not hosted on node {node} (its replica \
+                 here is {})",
+                header.shard,
+                shard.replica_id()
+            ));
+            return Err(self.refuse(header, "replica not hosted", status));
+        }
+        Ok(shard)
     }
 
     /// The checks of [`Self::admit`] that concern the sender, not the shard.
@@ -115,7 +132,13 @@ impl RaftService {
             ));
             return Err(self.refuse(header, "other cluster", status));
         }
-        if from == config.node_id || !config.peers.contains_key(&from) {
+        // The current node set where there is one (it can change at runtime), else the
+        // configured peer list.
+        let member = match self.node.peers() {
+            Some(peers) => peers.is_peer(from),
+            None => config.peers.contains_key(&from),
+        };
+        if from == config.node_id || !member {
             let status = Status::permission_denied(format!(
                 "node {from} is not a member of cluster {:?}",
                 config.cluster_id
@@ -325,18 +348,29 @@ impl RaftTransport for RaftService {
         let leader = self
             .admit_peer(request.header.as_ref(), "confirm-leadership")?
             .from_node;
-        // A shard this node does not host, or one it holds another vote for, is a no.
+        // A shard this node does not host, another replica of it than the one hosted here, or
+        // one whose stored vote is another, is a no.
+        // The vote's leader is compared with the sender's node id: equal to the leader's
+        // replica id until replicas move (milestone M3 maps it through the membership).
+        let node = self.node.config().node_id;
         let confirmed = request
             .items
             .iter()
             .map(|item| {
-                self.node
-                    .local_shard(item.shard)
-                    .is_some_and(|shard| shard.holds_vote_for(item.term, leader))
+                self.node.local_shard(item.shard).is_some_and(|shard| {
+                    addressed_replica(item.replica, node) == shard.replica_id()
+                        && shard.holds_vote_for(item.term, leader)
+                })
             })
             .collect();
         Ok(Response::new(ConfirmReply { confirmed }))
     }
+}
+
+/// The replica a message for node `node` addresses: `replica`, or for a legacy sender (0) the
+/// replica whose id is the node's.
+fn addressed_replica(replica: u64, node: u64) -> u64 {
+    if replica == 0 { node } else { replica }
 }
 
 /// Decodes a payload; garbage is the sender's fault.

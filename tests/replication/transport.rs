@@ -1,7 +1,8 @@
 //! The Raft peer transport over real sockets: three in-process nodes, each serving the peer
 //! service on its own 127.0.0.1 port. Covers elections and replication across nodes, a stopped
 //! node catching up by snapshot after the others purged their logs, and refusal of messages
-//! from another cluster, an unknown sender, a wrong shard, garbage, and damaged snapshots.
+//! from another cluster, an unknown sender, a wrong shard, garbage, and damaged snapshots, and
+//! of per-shard messages and leadership checks for a replica the receiver does not host.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,7 +18,7 @@ use openraft::{RaftNetworkV2, ServerState};
 use tonic::Code;
 
 use kvnode::pb::raft::raft_transport_client::RaftTransportClient;
-use kvnode::pb::raft::{PeerHeader, RaftRequest, SnapshotChunk};
+use kvnode::pb::raft::{ConfirmItem, ConfirmRequest, PeerHeader, RaftRequest, SnapshotChunk};
 use kvnode::peers::Peers;
 use kvnode::raft::network::ShardNetwork;
 use kvnode::raft::{SnapshotMeta, TypeConfig, Vote};
@@ -266,7 +267,14 @@ fn header(from_node: u64, cluster_id: &str, shard: u64) -> Option<PeerHeader> {
         from_node,
         cluster_id: cluster_id.to_string(),
         shard,
+        // A legacy sender: no map epoch, the replica is the receiver's node id.
+        ..PeerHeader::default()
     })
+}
+
+/// `header` addressed to replica `replica` of the shard.
+fn to_replica(header: Option<PeerHeader>, replica: u64) -> Option<PeerHeader> {
+    header.map(|h| PeerHeader { replica, ..h })
 }
 
 /// A vote request for term 1000: granting it would change the receiver's term.
@@ -454,6 +462,72 @@ async fn messages_from_strangers_garbage_and_damaged_snapshots_are_refused() {
     for id in 1..=3 {
         cluster.readable(id, &key, b"still-serving").await;
     }
+    drop(target_node);
+    cluster.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_and_leadership_checks_for_a_replica_not_hosted_are_refused() {
+    let cluster = Cluster::start().await;
+    const SHARD: u64 = 1;
+    let leader = cluster.leaders().await[&SHARD];
+    let target = (1..=3).find(|id| *id != leader).unwrap();
+    let mut client = raw_client(&cluster, target).await;
+    let vote = encode_serde(&high_vote(leader));
+    let before = metrics(cluster.node(target), SHARD);
+
+    // Replica 42 of the shard is not the one hosted on `target` (whose replica id is its node
+    // id): NOT_FOUND, and the message never reaches the replica that is hosted.
+    let status = vote_status(
+        &mut client,
+        to_replica(header(leader, CLUSTER, SHARD), 42),
+        vote.clone(),
+    )
+    .await;
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains(&format!("replica 42 is not hosted on node {target}")),
+        "{status:?}"
+    );
+    // The hosted replica, named explicitly, gets through the check (to the payload's).
+    let status = vote_status(
+        &mut client,
+        to_replica(header(leader, CLUSTER, SHARD), target),
+        b"garbage".to_vec(),
+    )
+    .await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let after = metrics(cluster.node(target), SHARD);
+    assert_eq!(
+        after.current_term, before.current_term,
+        "the vote reached Raft"
+    );
+
+    // A leadership check about another replica of the shard is a no; about the hosted one
+    // (named, or legacy 0) it is the stored vote's answer: yes, while the leader leads.
+    let target_node = Arc::clone(cluster.node(target));
+    let answers = eventually(20, "the leader's vote confirmed", || {
+        let mut client = client.clone();
+        let target_node = Arc::clone(&target_node);
+        async move {
+            let term = metrics(&target_node, SHARD).vote.leader_id.term;
+            let item = |replica| ConfirmItem {
+                shard: SHARD,
+                term,
+                replica,
+            };
+            let request = ConfirmRequest {
+                header: header(leader, CLUSTER, 0),
+                items: vec![item(target), item(0), item(42)],
+            };
+            let answers = client.confirm_leadership(request).await.ok()?.into_inner();
+            answers.confirmed[0].then_some(answers.confirmed)
+        }
+    })
+    .await;
+    assert_eq!(answers, vec![true, true, false]);
     drop(target_node);
     cluster.close().await;
 }
