@@ -30,7 +30,8 @@
 //! from the flags (today's placement, replica id = node id, so no data group changes); the
 //! group applies one seed only. Every node keeps the newest map it knows
 //! ([`Node::cluster_map`], `cluster::MapView`), cached in `<data-dir>/CLUSTER` so a restart
-//! knows it before META answers. Milestone M2 of the design; the map does not drive placement
+//! knows it before META answers; a node that sees a higher `map_epoch` in a peer's ping reply
+//! fetches that peer's map (`FetchMap`), which is how nodes that do not host META follow it. Milestone M2 of the design; the map does not drive placement
 //! yet (`Node::replicas` is still computed from the flags).
 //!
 //! Modules import downward only: [`storage`] knows nothing of Raft (it stores opaque bytes);

@@ -5,8 +5,10 @@
 //! for it ([`seed::meta_voters`]), seeds it on first start ([`seed::seed_map`]), and keeps the
 //! node's view of the cluster map ([`MapView`]): loaded from the `CLUSTER` cache at open so it
 //! is known before META answers, fed by META's state machine, and written back to the cache
-//! (and the cluster uuid to `IDENTITY`) whenever it moves to a newer epoch. META is not in the
-//! key router: no key routes to it; peers reach it through [`Node::local_shard`].
+//! (and the cluster uuid to `IDENTITY`) whenever it moves to a newer epoch, and fed by peers:
+//! a ping reply with a higher `map_epoch` makes the node fetch that peer's map (`follow_map`).
+//! META is not in the key router: no key routes to it; peers reach it through
+//! [`Node::local_shard`].
 //!
 //! Embedded use (a single local node; every shard's only voter is this node):
 //!
@@ -187,12 +189,17 @@ impl Node {
             .map(Shard::hibernation_group)
             .collect();
         let hibernation = Controller::start(&config, boot_id, peers.clone(), groups);
-        let cache_writer = tokio::spawn(keep_cache(
+        let mut tasks = vec![tokio::spawn(keep_cache(
             store.dir().to_path_buf(),
             identity,
             cached,
             map_view.subscribe(),
-        ));
+        ))];
+        if let Some(peers) = &peers {
+            let retry = Duration::from_millis(config.heartbeat_interval_ms);
+            let follower = follow_map(Arc::clone(peers), Arc::clone(&map_view), retry);
+            tasks.push(tokio::spawn(follower));
+        }
         let node = Node {
             router: Router::new(ring, shards),
             config,
@@ -204,7 +211,7 @@ impl Node {
             checks,
             meta,
             map_view,
-            tasks: std::sync::Mutex::new(vec![cache_writer]),
+            tasks: std::sync::Mutex::new(tasks),
         };
         if let Some(err) = started.into_iter().find_map(Result::err) {
             node.shutdown_shards().await;
@@ -595,6 +602,41 @@ fn log_seed(result: std::result::Result<Applied, MetaRejected>) {
             tracing::info!(epoch, "the cluster map was seeded already")
         }
         Err(e) => tracing::error!(error = %e, "the seed map was refused"),
+    }
+}
+
+/// Follows the cluster map through the peers (docs/design/membership.md §1.4): when a ping
+/// reply reports a higher epoch than `view` has, fetches that peer's map and offers it (the
+/// view keeps it if it is still newer; the cache writer then writes `CLUSTER`). A failed or
+/// stale fetch is retried every `retry` while the reported epoch is ahead. Runs until aborted.
+async fn follow_map(peers: Arc<Peers>, view: Arc<MapView>, retry: Duration) {
+    let mut reported = peers.reported_map_epochs();
+    loop {
+        let (epoch, from) = *reported.borrow_and_update();
+        if epoch > view.epoch() {
+            let fetched = peers.fetch_map(from).await.and_then(|bytes| {
+                decode_serde::<ClusterMap>(&bytes).map_err(|e| format!("undecodable map: {e}"))
+            });
+            match fetched {
+                Ok(map) if map.epoch >= epoch => {
+                    tracing::debug!(epoch = map.epoch, from, "fetched a newer cluster map");
+                    view.offer(Arc::new(map));
+                    continue;
+                }
+                Ok(map) => {
+                    tracing::debug!(got = map.epoch, want = epoch, from, "fetched map is older");
+                }
+                Err(e) => tracing::debug!(from, error = %e, "fetching the cluster map failed"),
+            }
+            tokio::select! {
+                _ = reported.changed() => {}
+                _ = tokio::time::sleep(retry) => {}
+            }
+            continue;
+        }
+        if reported.changed().await.is_err() {
+            return;
+        }
     }
 }
 

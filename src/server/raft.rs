@@ -15,9 +15,11 @@
 //! | the shard has a replica here | `NOT_FOUND` |
 //! | the payload decodes | `INVALID_ARGUMENT` |
 //!
-//! `Ping` (node-level liveness for hibernating idle groups) and `ConfirmLeadership` (node-level
-//! leadership checks for linearizable reads, see `crate::leadership`) get the first three checks
-//! only: they name no shard in the header and have no payload. A confirmation item naming a
+//! `Ping` (node-level liveness for hibernating idle groups; its reply also carries the epoch of
+//! the newest cluster map this node knows), `ConfirmLeadership` (node-level leadership checks
+//! for linearizable reads, see `crate::leadership`) and `FetchMap` (that map, for a peer that
+//! saw a higher epoch) get the first three checks only: they name no shard in the header and
+//! have no payload. A confirmation item naming a
 //! shard not hosted here is answered no.
 //!
 //! A refused peer is logged at warn at most once a minute per peer and reason. Payloads and
@@ -47,8 +49,8 @@ use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use crate::node::Node;
 use crate::pb::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
 use crate::pb::raft::{
-    ConfirmReply, ConfirmRequest, PeerHeader, PingReply, PingRequest, RaftReply, RaftRequest,
-    SnapshotChunk,
+    ConfirmReply, ConfirmRequest, FetchMapReply, FetchMapRequest, PeerHeader, PingReply,
+    PingRequest, RaftReply, RaftRequest, SnapshotChunk,
 };
 use crate::peers::ReadIndexReply;
 use crate::peers::WarnLimiter;
@@ -314,7 +316,20 @@ impl RaftTransport for RaftService {
                 .filter(|shard| shard.is_leader())
                 .map(Shard::id)
                 .collect(),
+            map_epoch: self.node.map_epoch(),
         }))
+    }
+
+    async fn fetch_map(
+        &self,
+        request: Request<FetchMapRequest>,
+    ) -> Result<Response<FetchMapReply>, Status> {
+        self.admit_peer(request.get_ref().header.as_ref(), "fetch-map")?;
+        let map = self
+            .node
+            .cluster_map()
+            .map_or_else(Vec::new, |map| encode_serde(&*map));
+        Ok(Response::new(FetchMapReply { map }))
     }
 
     async fn confirm_leadership(

@@ -99,3 +99,48 @@ async fn every_node_learns_the_seeded_map_of_todays_placement() {
     assert_eq!(again, map, "no second seed after a full restart");
     local.close().await;
 }
+
+/// Two nodes: META has one voter (meta_rf = 1), so one node does not host it and learns the
+/// map only from its peer: a ping reply shows a higher epoch, and it fetches the map. A change
+/// committed on META later reaches it the same way, and lands in its `CLUSTER` cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_change_reaches_a_node_that_does_not_host_meta() {
+    use kvnode::cluster::membership::{Applied, MetaChange};
+
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalCluster::start(dir.path(), 2, configure).await;
+    let (host, other) = if local.node(1).local_shard(META).is_some() {
+        (1, 2)
+    } else {
+        (2, 1)
+    };
+    assert!(local.node(other).local_shard(META).is_none());
+    let seeded = agreed_map(&local).await;
+    assert_eq!(seeded.epoch, 1);
+    let meta: Vec<u64> = seeded.shards[&META].voters.iter().map(|r| r.node).collect();
+    assert_eq!(meta, [host]);
+
+    let applied = eventually(10, "META to accept a change", || async {
+        local
+            .node(host)
+            .propose_meta(MetaChange::AddNode {
+                addr: "spare:7001".into(),
+            })
+            .await
+            .ok()
+    })
+    .await;
+    assert_eq!(applied, Ok(Applied::NodeAdded { id: 3 }));
+    let changed = agreed_map(&local).await;
+    assert_eq!(changed.epoch, 2);
+    assert_eq!(changed.nodes[&3].state, NodeState::Joining);
+    assert_eq!(local.node(other).map_epoch(), 2);
+    let path = dir.path().join(format!("node{other}"));
+    eventually(10, "the other node's CLUSTER cache at epoch 2", || async {
+        let bytes = kvnode::storage::cluster_cache::read(&path).ok()??;
+        let cached: ClusterMap = kvnode::storage::codec::decode_serde(&bytes).ok()?;
+        (cached.epoch == 2).then_some(())
+    })
+    .await;
+    local.close().await;
+}
