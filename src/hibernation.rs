@@ -556,6 +556,7 @@ mod tests {
         Some(PingReply {
             boot_id,
             leading: leading.to_vec(),
+            map_epoch: 0,
         })
     }
 

@@ -29,6 +29,23 @@
 //! (`NotLeader`, `x-kvnode-leader`) are nodes. Until replicas move (issue 17, milestone M3)
 //! every replica id equals its node id.
 //!
+//! ## Cluster metadata: the META group (issue 17, `docs/design/membership.md`)
+//!
+//! Which nodes exist and which replicas each shard has is one value, the cluster map
+//! (`cluster::membership::ClusterMap`), replicated by a Raft group of its own: the META group,
+//! reserved shard id `u64::MAX`, hosted on the nodes placement picks for it (1 voter below 3
+//! nodes, 3 below 5, else 5) and reusing the WAL, [`shard::Shard`] and sled like any shard. Its
+//! only command is `raft::Command::Meta`; its state machine keeps the map as one key, so
+//! replay, snapshots and restore work as for data. It is not in the key router. On first start
+//! the first META voter initializes the group and the META leader proposes a `Seed` derived
+//! from the flags (today's placement, replica id = node id, so no data group changes); the
+//! group applies one seed only. Every node keeps the newest map it knows
+//! ([`Node::cluster_map`], `cluster::MapView`), cached in `<data-dir>/CLUSTER` so a restart
+//! knows it before META answers; a node that sees a higher `map_epoch` in a peer's ping reply
+//! fetches that peer's map (`FetchMap`), which is how nodes that do not host META follow it.
+//! Milestone M2 of the design; the map does not drive placement yet (`Node::replicas` is still
+//! computed from the flags).
+//!
 //! Modules import downward only: [`storage`] knows nothing of Raft (it stores opaque bytes);
 //! [`raft`] adapts openraft to storage and is the only module that names openraft storage
 //! types; [`sharding`] and `cluster` are pure functions; [`shard`] runs one replica;
@@ -153,12 +170,12 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`storage`] | the data directory: [`storage::wal`] (segments, group commit, recovery), [`storage::state_tree`] (sled trees per shard), [`storage::snapshot_file`] (snapshot files), [`storage::codec`] (framing) |
+//! | [`storage`] | the data directory (format 3): [`storage::cluster_cache`] (the `CLUSTER` file), [`storage::wal`] (segments, group commit, recovery), [`storage::state_tree`] (sled trees per shard), [`storage::snapshot_file`] (snapshot files), [`storage::codec`] (framing) |
 //! | [`raft`] | openraft type config, [`raft::Command`], [`raft::LogStore`], [`raft::StateMachine`], the peer network, replica → node ([`raft::replica_node`]) |
 //! | [`config`] | [`Config`]: one documented struct, defaults, `validate()` |
 //! | [`error`] | the public [`Error`]: definite or indeterminate, retryable or not |
 //! | [`sharding`] | key → shard: the consistent-hash ring (pure, property-tested) |
-//! | `cluster` | shard → replica set: rendezvous placement (pure, property-tested) |
+//! | `cluster` | shard → replica set: rendezvous placement (pure, property-tested); the cluster map and its pure state machine (`cluster::membership`), the node's view of the newest map (`cluster::MapView`), the seed map derived from the flags (`cluster::seed`) |
 //! | [`consistency`] | read levels, receipts, session tokens |
 //! | `clock` | time that counts suspends, and the lease rule |
 //! | [`shard`] | one local replica: Raft group, write path, per-level read paths |
@@ -191,7 +208,7 @@
 
 // The documented API is what an application uses: `Node`, `Config`, the read levels and
 // receipts, errors, the Rust `client`, the wire types (`pb`) and `server::serve`. Internals
-// that nothing outside the crate needs are `pub(crate)` (clock, cluster, read_index, router).
+// that nothing outside the crate needs are `pub(crate)` (clock, read_index, router).
 // Modules marked `doc(hidden)` are internals that another package of the workspace or the
 // crate's own tests and benches reach, so they stay `pub`; they carry no stability promise and
 // may name openraft or sled types:
@@ -199,11 +216,14 @@
 //   replication tests, the hot_paths and wal_group_commit benches;
 // - `peers`: kvnode-testkit's in-process cluster (test partitions) and the transport test;
 // - `leadership`: the consistency test; `hibernation`, `shard`: kvnode-cli's cluster tests;
-// - `planted` (feature `planted-bugs` only): kvnode-cli's `kvnode` / `kvnode-planted` binaries.
+// - `planted` (feature `planted-bugs` only): kvnode-cli's `kvnode` / `kvnode-planted` binaries;
+// - `cluster`: the cluster map (`Node::cluster_map`) for the membership tests and, later,
+//   kvnode-cli's `kvctl node list`; its `membership`, `map_view` and `seed` are hidden too.
 
 pub mod client;
 pub(crate) mod clock;
-pub(crate) mod cluster;
+#[doc(hidden)]
+pub mod cluster;
 pub mod config;
 pub mod consistency;
 pub mod error;

@@ -1,6 +1,15 @@
 //! The composition root: a [`Node`] opens its data directory, checks its identity, starts one
 //! Raft group per shard, owns the router, serves the key-value API, and shuts down cleanly.
 //!
+//! It also hosts the META group (docs/design/membership.md §1) on the nodes placement picks
+//! for it ([`seed::meta_voters`]), seeds it on first start ([`seed::seed_map`]), and keeps the
+//! node's view of the cluster map ([`MapView`]): loaded from the `CLUSTER` cache at open so it
+//! is known before META answers, fed by META's state machine, and written back to the cache
+//! (and the cluster uuid to `IDENTITY`) whenever it moves to a newer epoch, and fed by peers:
+//! a ping reply with a higher `map_epoch` makes the node fetch that peer's map (`follow_map`).
+//! META is not in the key router: no key routes to it; peers reach it through
+//! [`Node::local_shard`].
+//!
 //! Embedded use (a single local node; every shard's only voter is this node):
 //!
 //! ```no_run
@@ -16,12 +25,16 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use openraft::async_runtime::watch::WatchReceiver;
+use tokio::task::JoinHandle;
 
-use crate::cluster;
+use crate::cluster::membership::{Applied, ClusterMap, META, MetaChange, MetaRejected};
+use crate::cluster::{self, MapView, seed};
 use crate::config::Config;
 use crate::consistency::{ReadOptions, WriteReceipt};
 use crate::error::{Error, Result};
@@ -35,8 +48,9 @@ use crate::reply::{CasReply, DeleteReply, GetReply};
 use crate::router::Router;
 use crate::shard::{Shard, ShardView};
 use crate::sharding::{HashRing, ShardId};
+use crate::storage::codec::{decode_serde, encode_serde};
 use crate::storage::wal::Fdatasync;
-use crate::storage::{Identity, Store, StoreOptions, WalOptions};
+use crate::storage::{Identity, Store, StoreOptions, WalOptions, cluster_cache};
 
 /// A running kvnode node.
 #[derive(Debug)]
@@ -54,6 +68,13 @@ pub struct Node {
     hibernation: std::sync::Mutex<Option<Controller>>,
     /// Leadership checks for the linearizable reads of every shard this node leads.
     checks: Arc<LeadershipChecks>,
+    /// This node's replica of the META group, if placement puts one here (not in `router`).
+    meta: Option<Shard>,
+    /// The newest cluster map this node knows.
+    map_view: Arc<MapView>,
+    /// The seeding task (clustered META voters, until the map is seeded) and the task that
+    /// writes `CLUSTER` and the uuid on every newer map; aborted at shutdown.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Node {
@@ -78,7 +99,9 @@ impl Node {
                 sled_cache_bytes: config.sled_cache_bytes,
             },
         )?;
-        check_identity(&store, &config)?;
+        let identity = check_identity(&store, &config)?;
+        let map_view = Arc::new(MapView::default());
+        let cached = load_cached_map(store.dir(), &map_view);
         let ring = HashRing::with_shards(config.shards)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let nodes = config.node_ids();
@@ -103,34 +126,47 @@ impl Node {
             peers.clone(),
             Duration::from_millis(config.election_timeout_min_ms).min(config.request_timeout()),
         );
+        let meta_voters = seed::meta_voters(&config)
+            .map_err(|e| Error::InvalidArgument(format!("placement of META: {e}")))?;
+        let hosts_meta = meta_voters.contains(&config.node_id);
         let opened = join_all(local.iter().map(|&id| {
-            let store = &store;
-            let config = &config;
-            let peers = peers.clone();
-            let checks = Arc::clone(&checks);
-            async move {
-                let horizon = Arc::new(CommitHorizon::default());
-                match peers {
-                    Some(peers) => {
-                        let network = ShardNetwork::new(peers.clone(), id, Arc::clone(&horizon));
-                        let network = (network, horizon);
-                        Shard::open(store, config, id, network, Some(peers), checks).await
-                    }
-                    None => {
-                        let network = (NoPeers, horizon);
-                        Shard::open(store, config, id, network, None, checks).await
-                    }
-                }
-            }
+            open_shard(
+                &store,
+                &config,
+                id,
+                peers.clone(),
+                Arc::clone(&checks),
+                None,
+            )
         }))
         .await;
         let shards = opened.into_iter().collect::<Result<Vec<Shard>>>()?;
+        let meta = if hosts_meta {
+            let view = Some(Arc::clone(&map_view));
+            Some(
+                open_shard(
+                    &store,
+                    &config,
+                    META,
+                    peers.clone(),
+                    Arc::clone(&checks),
+                    view,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         // Test builds: the fault tester's apply-lag nemesis, if KVNODE_APPLY_LAG asks for it.
         #[cfg(feature = "planted-bugs")]
         crate::raft::apply_stall::start_from_env(shards.iter().map(Shard::lag_target).collect());
 
-        let started = join_all(shards.iter().map(|shard| {
-            let replicas = &placement[&shard.id()];
+        let groups: Vec<(&Shard, &[u64])> = shards
+            .iter()
+            .map(|shard| (shard, placement[&shard.id()].as_slice()))
+            .chain(meta.iter().map(|m| (m, meta_voters.as_slice())))
+            .collect();
+        let started = join_all(groups.into_iter().map(|(shard, replicas)| {
             let config = &config;
             async move {
                 let initializer = replicas.first() == Some(&config.node_id);
@@ -147,8 +183,23 @@ impl Node {
         }))
         .await;
         let boot_id = new_boot_id();
-        let groups = shards.iter().map(Shard::hibernation_group).collect();
+        let groups = shards
+            .iter()
+            .chain(meta.iter())
+            .map(Shard::hibernation_group)
+            .collect();
         let hibernation = Controller::start(&config, boot_id, peers.clone(), groups);
+        let mut tasks = vec![tokio::spawn(keep_cache(
+            store.dir().to_path_buf(),
+            identity,
+            cached,
+            map_view.subscribe(),
+        ))];
+        if let Some(peers) = &peers {
+            let retry = Duration::from_millis(config.heartbeat_interval_ms);
+            let follower = follow_map(Arc::clone(peers), Arc::clone(&map_view), retry);
+            tasks.push(tokio::spawn(follower));
+        }
         let node = Node {
             router: Router::new(ring, shards),
             config,
@@ -158,8 +209,15 @@ impl Node {
             boot_id,
             hibernation: std::sync::Mutex::new(hibernation),
             checks,
+            meta,
+            map_view,
+            tasks: std::sync::Mutex::new(tasks),
         };
         if let Some(err) = started.into_iter().find_map(Result::err) {
+            node.shutdown_shards().await;
+            return Err(err);
+        }
+        if let Err(err) = node.seed_meta().await {
             node.shutdown_shards().await;
             return Err(err);
         }
@@ -168,6 +226,8 @@ impl Node {
             cluster = %node.config.cluster_id,
             shards = node.config.shards,
             local_replicas = node.router.shards().count(),
+            hosts_meta = node.meta.is_some(),
+            map_epoch = node.map_epoch(),
             data_dir = %node.config.data_dir.display(),
             "node ready"
         );
@@ -185,15 +245,110 @@ impl Node {
     }
 
     #[doc(hidden)]
-    /// The local replica of `shard`, if this node hosts one.
+    /// The local replica of `shard` (the META group's for [`META`]), if this node hosts one.
     pub fn local_shard(&self, shard: ShardId) -> Option<&Shard> {
-        self.router.local(shard)
+        if shard == META {
+            self.meta.as_ref()
+        } else {
+            self.router.local(shard)
+        }
     }
 
     #[doc(hidden)]
-    /// Every local replica.
+    /// Every local replica, the META group's last if this node hosts one.
     pub fn local_shards(&self) -> impl Iterator<Item = &Shard> {
-        self.router.shards()
+        self.router.shards().chain(self.meta.iter())
+    }
+
+    #[doc(hidden)]
+    /// The newest cluster map this node knows (`None` before the first one is known).
+    pub fn cluster_map(&self) -> Option<Arc<ClusterMap>> {
+        self.map_view.current()
+    }
+
+    #[doc(hidden)]
+    /// The epoch of [`Node::cluster_map`]; 0 = no map known yet.
+    pub fn map_epoch(&self) -> u64 {
+        self.map_view.epoch()
+    }
+
+    #[doc(hidden)]
+    /// Proposes `change` to the META group through this node's META replica, and waits until
+    /// it is applied. A refusal is the `Err` of the inner result, with the map unchanged.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] if this node hosts no META replica; the write errors of
+    /// [`Shard::write`] (e.g. [`Error::NotLeader`] on a follower).
+    pub async fn propose_meta(
+        &self,
+        change: MetaChange,
+    ) -> Result<std::result::Result<Applied, MetaRejected>> {
+        let Some(meta) = &self.meta else {
+            return Err(Error::Unavailable {
+                shard: META,
+                reason: format!("node {} hosts no replica of the META group", self.id()),
+            });
+        };
+        match meta.write(Command::Meta(change)).await? {
+            (CommandResult::Meta(result), _) => Ok(result),
+            (other, _) => Err(Error::ShardStopped {
+                shard: META,
+                reason: format!("the META state machine answered {other:?} to a map change"),
+            }),
+        }
+    }
+
+    /// Seeds the META group (§5): embedded, at once (so `open` returns with the map known);
+    /// clustered, from a background task on every META voter, which proposes the seed while it
+    /// leads META and the map is unseeded. Every node derives the same seed (uuid aside) and
+    /// the group applies only the first `Seed`, so a restart or a second proposer is harmless:
+    /// a `Seed` committed before is found applied, and a later one is refused.
+    async fn seed_meta(&self) -> Result<()> {
+        let Some(meta) = &self.meta else {
+            return Ok(());
+        };
+        let seed = seed::seed_map(&self.config, seed::new_cluster_uuid())
+            .map_err(|e| Error::InvalidArgument(format!("seed map: {e}")))?;
+        if !self.config.is_clustered() {
+            if self.map_epoch() == 0 {
+                log_seed(self.propose_meta(MetaChange::Seed(seed)).await?);
+            }
+            return Ok(());
+        }
+        let raft = meta.raft().clone();
+        let view = Arc::clone(&self.map_view);
+        let retry = Duration::from_millis(self.config.heartbeat_interval_ms);
+        let timeout = self.config.request_timeout();
+        let task = tokio::spawn(async move {
+            let mut maps = view.subscribe();
+            let mut metrics = raft.metrics();
+            while view.epoch() == 0 {
+                let leads = metrics.borrow_watched().state == openraft::ServerState::Leader;
+                if leads {
+                    let proposed = raft.client_write(Command::Meta(MetaChange::Seed(seed.clone())));
+                    match tokio::time::timeout(timeout, proposed).await {
+                        Ok(Ok(reply)) => match reply.data {
+                            CommandResult::Meta(result) => log_seed(result),
+                            other => tracing::warn!(?other, "unexpected answer to the seed"),
+                        },
+                        Ok(Err(e)) => tracing::info!(error = %e, "seeding META failed; will retry"),
+                        Err(_) => tracing::info!("seeding META timed out; will retry"),
+                    }
+                    if view.epoch() > 0 {
+                        break;
+                    }
+                }
+                // Until the map is known, a leadership change, or a retry interval.
+                tokio::select! {
+                    _ = maps.changed() => {}
+                    _ = metrics.changed() => {}
+                    _ = tokio::time::sleep(retry) => {}
+                }
+            }
+        });
+        self.tasks.lock().expect("tasks lock").push(task);
+        Ok(())
     }
 
     #[doc(hidden)]
@@ -338,9 +493,11 @@ impl Node {
             config,
             store,
             router,
+            meta,
             ..
         } = self;
         drop(router);
+        drop(meta);
         store.release(std::time::Duration::from_secs(10)).await;
         tracing::info!(node = config.node_id, "node closed");
     }
@@ -357,7 +514,10 @@ impl Node {
     async fn shutdown_shards(&self) {
         // First, so no group is switched back on while it shuts down.
         drop(self.hibernation.lock().expect("hibernation lock").take());
-        join_all(self.router.shards().map(Shard::shutdown)).await;
+        for task in self.tasks.lock().expect("tasks lock").drain(..) {
+            task.abort();
+        }
+        join_all(self.local_shards().map(Shard::shutdown)).await;
     }
 
     fn check_key(&self, key: &[u8]) -> Result<()> {
@@ -389,20 +549,165 @@ impl Node {
 }
 
 /// Records the directory's identity on first use; refuses a directory made for another node
-/// id or shard count.
-fn check_identity(store: &Store, config: &Config) -> Result<()> {
+/// id or shard count. Returns the identity on disk.
+fn check_identity(store: &Store, config: &Config) -> Result<Identity> {
     let wanted = Identity {
         cluster_id: config.cluster_id.clone(),
         node_id: config.node_id,
         shards: config.shards,
+        uuid: None,
     };
     match store.identity()? {
-        None => Ok(store.set_identity(&wanted)?),
-        Some(found) if found == wanted => Ok(()),
+        None => {
+            store.set_identity(&wanted)?;
+            Ok(wanted)
+        }
+        Some(found) if found.same_node(&wanted) => Ok(found),
         Some(found) => Err(Error::IdentityMismatch {
             path: crate::storage::identity::path(store.dir()),
             on_disk: found.to_string(),
             configured: wanted.to_string(),
         }),
+    }
+}
+
+/// Opens replica `id` on this node with the transport the configuration calls for.
+async fn open_shard(
+    store: &Store,
+    config: &Config,
+    id: ShardId,
+    peers: Option<Arc<Peers>>,
+    checks: Arc<LeadershipChecks>,
+    map_view: Option<Arc<MapView>>,
+) -> Result<Shard> {
+    let horizon = Arc::new(CommitHorizon::default());
+    match peers {
+        Some(peers) => {
+            let network = ShardNetwork::new(peers.clone(), id, Arc::clone(&horizon));
+            let network = (network, horizon);
+            Shard::open(store, config, id, network, Some(peers), checks, map_view).await
+        }
+        None => {
+            let network = (NoPeers, horizon);
+            Shard::open(store, config, id, network, None, checks, map_view).await
+        }
+    }
+}
+
+/// Logs the outcome of a `Seed` proposal: applied, or refused because another seed won.
+fn log_seed(result: std::result::Result<Applied, MetaRejected>) {
+    match result {
+        Ok(_) => tracing::info!("seeded the cluster map"),
+        Err(MetaRejected::AlreadySeeded { epoch }) => {
+            tracing::info!(epoch, "the cluster map was seeded already")
+        }
+        Err(e) => tracing::error!(error = %e, "the seed map was refused"),
+    }
+}
+
+/// Follows the cluster map through the peers (docs/design/membership.md §1.4): when a ping
+/// reply reports a higher epoch than `view` has, fetches that peer's map and offers it (the
+/// view keeps it if it is still newer; the cache writer then writes `CLUSTER`). A failed or
+/// stale fetch is retried every `retry` while the reported epoch is ahead. Runs until aborted.
+async fn follow_map(peers: Arc<Peers>, view: Arc<MapView>, retry: Duration) {
+    let mut reported = peers.reported_map_epochs();
+    loop {
+        let (epoch, from) = *reported.borrow_and_update();
+        if epoch > view.epoch() {
+            let fetched = peers.fetch_map(from).await.and_then(|bytes| {
+                decode_serde::<ClusterMap>(&bytes).map_err(|e| format!("undecodable map: {e}"))
+            });
+            match fetched {
+                Ok(map) if map.epoch >= epoch => {
+                    tracing::debug!(epoch = map.epoch, from, "fetched a newer cluster map");
+                    view.offer(Arc::new(map));
+                    continue;
+                }
+                Ok(map) => {
+                    tracing::debug!(got = map.epoch, want = epoch, from, "fetched map is older");
+                }
+                Err(e) => tracing::debug!(from, error = %e, "fetching the cluster map failed"),
+            }
+            tokio::select! {
+                _ = reported.changed() => {}
+                _ = tokio::time::sleep(retry) => {}
+            }
+            continue;
+        }
+        if reported.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Offers the map in `<dir>/CLUSTER` to `view`; returns its epoch (0: none). The file is only a
+/// cache: a damaged one is logged and ignored, and META's map replaces it.
+fn load_cached_map(dir: &std::path::Path, view: &MapView) -> u64 {
+    let path = cluster_cache::path(dir);
+    let bytes = match cluster_cache::read(dir) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return 0,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring the cluster-map cache");
+            return 0;
+        }
+    };
+    match decode_serde::<ClusterMap>(&bytes) {
+        Ok(map) => {
+            let epoch = map.epoch;
+            view.offer(Arc::new(map));
+            tracing::debug!(epoch, "loaded the cluster map from the cache");
+            epoch
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring the cluster-map cache: it does not decode");
+            0
+        }
+    }
+}
+
+/// Writes every newer map `maps` sees to `<dir>/CLUSTER`, and the cluster's uuid to `IDENTITY`
+/// once it is known. `written` is the epoch the cache already holds. Runs until aborted.
+async fn keep_cache(
+    dir: PathBuf,
+    mut identity: Identity,
+    mut written: u64,
+    mut maps: tokio::sync::watch::Receiver<Option<Arc<ClusterMap>>>,
+) {
+    maps.mark_changed();
+    while maps.changed().await.is_ok() {
+        let Some(map) = maps.borrow_and_update().clone() else {
+            continue;
+        };
+        let needs_uuid = identity.uuid.is_none();
+        if map.epoch <= written && !needs_uuid {
+            continue;
+        }
+        let (dir2, identity2) = (dir.clone(), identity.clone());
+        let epoch = map.epoch;
+        let wrote = tokio::task::spawn_blocking(move || {
+            cluster_cache::write(&dir2, &encode_serde(&*map))?;
+            if needs_uuid {
+                let with_uuid = Identity {
+                    uuid: Some(map.cluster_uuid),
+                    ..identity2
+                };
+                crate::storage::identity::write(&dir2, &with_uuid)?;
+                return Ok(Some(with_uuid));
+            }
+            Ok::<_, crate::storage::Error>(None)
+        })
+        .await;
+        match wrote {
+            Ok(Ok(new_identity)) => {
+                written = epoch;
+                if let Some(new_identity) = new_identity {
+                    identity = new_identity;
+                }
+                tracing::debug!(epoch, "wrote the cluster-map cache");
+            }
+            Ok(Err(e)) => tracing::warn!(epoch, error = %e, "writing the cluster-map cache failed"),
+            Err(e) => tracing::warn!(epoch, error = %e, "the cluster-map cache writer failed"),
+        }
     }
 }

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pb::raft::raft_transport_client::RaftTransportClient;
 use crate::pb::raft::{
-    ConfirmItem, ConfirmRequest, PeerHeader, PingReply, PingRequest, RaftRequest,
+    ConfirmItem, ConfirmRequest, FetchMapRequest, PeerHeader, PingReply, PingRequest, RaftRequest,
 };
 use crate::storage::codec::decode_serde;
 
@@ -59,6 +59,9 @@ pub struct Peers {
     cut_outbound: std::sync::RwLock<std::collections::BTreeSet<u64>>,
     /// When a message from each peer was last admitted (see [`Peers::admit_from`]).
     heard_from: Mutex<BTreeMap<u64, Instant>>,
+    /// The highest cluster-map epoch a ping reply reported, and the peer that reported it
+    /// (see [`Peers::reported_map_epochs`]).
+    map_epochs: tokio::sync::watch::Sender<(u64, u64)>,
 }
 
 /// The node set at one time: every node's address (this node's included) and a [`Link`] to
@@ -131,6 +134,7 @@ impl Peers {
             cut_off: Default::default(),
             cut_outbound: Default::default(),
             heard_from: Default::default(),
+            map_epochs: tokio::sync::watch::Sender::new((0, 0)),
         }))
     }
 
@@ -376,7 +380,34 @@ impl Peers {
             boot_id,
         });
         request.set_timeout(timeout);
-        within(timeout, client.ping(request)).await
+        let reply = within(timeout, client.ping(request)).await?;
+        self.map_epochs.send_if_modified(|seen| {
+            let higher = reply.map_epoch > seen.0;
+            if higher {
+                *seen = (reply.map_epoch, node);
+            }
+            higher
+        });
+        Ok(reply)
+    }
+
+    /// The highest cluster-map epoch a peer reported in a ping reply, with that peer; changes
+    /// only upward. The node fetches the map from the peer when it is newer than its own.
+    pub fn reported_map_epochs(&self) -> tokio::sync::watch::Receiver<(u64, u64)> {
+        self.map_epochs.subscribe()
+    }
+
+    /// The bincode of `node`'s newest cluster map (empty if it knows none), within the RPC
+    /// timeout.
+    pub async fn fetch_map(&self, node: u64) -> std::result::Result<Vec<u8>, String> {
+        let mut client = self.node_client(node)?;
+        let mut request = tonic::Request::new(FetchMapRequest {
+            header: Some(self.node_header()),
+        });
+        request.set_timeout(self.rpc_timeout);
+        Ok(within(self.rpc_timeout, client.fetch_map(request))
+            .await?
+            .map)
     }
 
     /// Asks `node` whether it still holds this node's vote of each item's term for the item's

@@ -34,6 +34,7 @@ use openraft::network::{NetSnapshot, RaftNetworkFactory};
 use openraft::{BasicNode, ReadPolicy, SnapshotPolicy};
 
 use crate::clock::BootInstant;
+use crate::cluster::MapView;
 use crate::config::Config;
 use crate::consistency::{Fallback, ReadLevel, ReadReceipt, ServedLevel, Staleness};
 use crate::error::{Error, Result};
@@ -149,7 +150,8 @@ pub fn raft_config(config: &Config, shard: u64) -> Result<openraft::Config> {
 impl Shard {
     /// Opens shard `id`'s replica on this node: its log in the WAL, its state machine (restored
     /// from a snapshot if sled fell behind the log's purge point), and its Raft group.
-    /// `network` must record every commit index it sends in `horizon`.
+    /// `network` must record every commit index it sends in `horizon`. `map_view` is given for
+    /// the META group only: its state machine publishes the applied cluster map there.
     pub async fn open<N>(
         store: &Store,
         config: &Config,
@@ -157,6 +159,7 @@ impl Shard {
         (network, horizon): (N, Arc<CommitHorizon>),
         peers: Option<Arc<Peers>>,
         checks: Arc<LeadershipChecks>,
+        map_view: Option<Arc<MapView>>,
     ) -> Result<Shard>
     where
         N: RaftNetworkFactory<TypeConfig>,
@@ -164,7 +167,11 @@ impl Shard {
     {
         let log = LogStore::new(store.wal().clone(), id);
         let purged = log.last_purged().map_err(|e| io_to_error(id, e))?;
-        let sm = StateMachine::open(store, id, purged.as_ref()).map_err(|e| io_to_error(id, e))?;
+        let mut sm =
+            StateMachine::open(store, id, purged.as_ref()).map_err(|e| io_to_error(id, e))?;
+        if let Some(view) = map_view {
+            sm.publish_map_to(view).map_err(|e| io_to_error(id, e))?;
+        }
         let reader = sm.reader();
         #[cfg(feature = "planted-bugs")]
         let stall = sm.stall();
@@ -353,6 +360,11 @@ impl Shard {
     /// Proposes `command` and waits until it is committed and applied. Returns its result and
     /// log index.
     pub async fn write(&self, command: Command) -> Result<(CommandResult, u64)> {
+        // Refused before anything is proposed: a map change on a data shard, or a key write on
+        // the META group (the state machine would refuse it too, as a value).
+        command
+            .check_group(self.id)
+            .map_err(Error::InvalidArgument)?;
         #[cfg(feature = "planted-bugs")]
         if let Some(planted) = self.planted_write(&command).await {
             return planted;
@@ -1020,6 +1032,7 @@ impl Shard {
                             existed: matches!(self.reader.get(key), Ok(Some(_))),
                         },
                         Command::CompareAndSet { .. } => CommandResult::CasApplied,
+                        Command::Meta(_) => CommandResult::NoOp,
                     };
                     let index = last_log_index.map_or(1, |i| i + 1);
                     tracing::debug!(shard = self.id, %command, index, "planted: acked uncommitted");

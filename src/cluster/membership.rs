@@ -37,9 +37,6 @@
 //! Where the design leaves a choice open, the doc comment of the change kind says what was
 //! chosen and why (mostly: what etcd's membership API or TiKV's PD would do).
 
-// Not used by the rest of the library yet: the META group (milestone M2) is its first user.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 

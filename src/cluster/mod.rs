@@ -2,12 +2,20 @@
 //! of each shard and which of them is the preferred leader ([`placement`]); it is a pure
 //! function of the shard id and the node list. Cluster membership (how the node list is agreed
 //! on and changed) lives here too: [`membership`] is the cluster map and the pure state machine
-//! that changes it (docs/design/membership.md §1.1).
+//! that changes it (docs/design/membership.md §1.1), [`map_view`] is the newest map a node
+//! knows, and [`seed`] derives the first map from a node's flags (§5).
 
-// The cluster map's state machine; the META group (milestone M2) is its first user.
-pub(crate) mod membership;
+// Public for `kvnode-cli` and the tests (the map a node knows, `Node::cluster_map`), but
+// hidden from the docs: these types change with every membership milestone of issue 17.
+#[doc(hidden)]
+pub mod map_view;
+#[doc(hidden)]
+pub mod membership;
 pub mod placement;
+#[doc(hidden)]
+pub mod seed;
 
+pub use map_view::MapView;
 pub use placement::replicas;
 
 /// Identifies a node (one `kvnode` process) in the cluster.

@@ -19,6 +19,14 @@
 //! - **Recovery** ([`StateMachine::open`]): sled's flush is not an fsync, so after a crash the
 //!   tree may be older than the WAL's purge point. The tree is then rebuilt from the latest
 //!   snapshot, and openraft replays the WAL from there.
+//! - **The META group** (shard [`META`]) uses this same state machine: its state is one key,
+//!   [`MAP_KEY`], holding the encoded [`ClusterMap`] with the usual per-key log index, so the
+//!   replay-skip rule, snapshots and restore above hold unchanged. A `Command::Meta` decodes
+//!   the map, runs [`ClusterMap::apply`] and writes the map back only if it was applied (a
+//!   refusal is a [`CommandResult::Meta`] value). Once a chunk that changed the map is
+//!   visible (and after a snapshot load), the map is offered to the node's [`MapView`]
+//!   ([`StateMachine::publish_map_to`]). A map change reaching a data shard, or a key write
+//!   reaching META, is answered with [`CommandResult::WrongGroup`] and changes nothing.
 
 use std::collections::HashMap;
 use std::io;
@@ -29,7 +37,9 @@ use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 
-use crate::raft::command::VersionedValue;
+use crate::cluster::MapView;
+use crate::cluster::membership::{ClusterMap, META};
+use crate::raft::command::{MAP_KEY, VersionedValue};
 use crate::raft::{
     Command, CommandResult, Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
 };
@@ -52,6 +62,8 @@ pub struct StateMachine {
     /// The applied position, published after each batch or snapshot load is visible in the
     /// tree, so readers need not read and decode the applied marker from sled on every read.
     applied: Arc<Published>,
+    /// The META group's state machine only: where the applied map is published.
+    map_view: Option<Arc<MapView>>,
     /// Test builds: holds applies at a chosen stage (see [`crate::raft::apply_stall`]).
     #[cfg(feature = "planted-bugs")]
     stall: Arc<crate::raft::apply_stall::ApplyStall>,
@@ -190,6 +202,7 @@ impl StateMachine {
             snapshots,
             current,
             applied: Arc::default(),
+            map_view: None,
             #[cfg(feature = "planted-bugs")]
             stall: Arc::default(),
         };
@@ -253,6 +266,26 @@ impl StateMachine {
         self.tree
             .replace(pairs, applied.as_deref(), Some(&membership))?;
         self.publish_applied(meta.last_log_id.as_ref());
+        self.publish_map()
+    }
+
+    /// The META group: offers the map in the tree to `view` now and after every later apply
+    /// or snapshot load that changes it.
+    pub fn publish_map_to(&mut self, view: Arc<MapView>) -> io::Result<()> {
+        self.map_view = Some(view);
+        self.publish_map()
+    }
+
+    /// Offers the tree's map (if any) to the map view (if any).
+    fn publish_map(&self) -> io::Result<()> {
+        let Some(view) = &self.map_view else {
+            return Ok(());
+        };
+        if let Some(stored) = self.tree.get(MAP_KEY)? {
+            let map: ClusterMap =
+                decode_serde(&stored.value).map_err(|e| invalid(self.shard, "cluster map", e))?;
+            view.offer(Arc::new(map));
+        }
         Ok(())
     }
 
@@ -346,6 +379,12 @@ impl StateMachine {
         if let Some(last) = written {
             self.publish_applied(Some(&last));
         }
+        if results
+            .iter()
+            .any(|r| matches!(r, CommandResult::Meta(Ok(_))))
+        {
+            self.publish_map()?;
+        }
         for (responder, result) in responders.into_iter().zip(results) {
             if let Some(responder) = responder {
                 responder.send(result);
@@ -375,6 +414,12 @@ impl StateMachine {
         let complete = empty || written.is_some();
         if let Some(last) = written {
             self.publish_applied(Some(&last));
+            if results
+                .iter()
+                .any(|r| matches!(r, CommandResult::Meta(Ok(_))))
+            {
+                self.publish_map()?;
+            }
         }
         Ok((results, complete))
     }
@@ -423,6 +468,10 @@ impl StateMachine {
         overlay: &mut HashMap<Vec<u8>, Option<Versioned>>,
         writes: &mut Vec<Write>,
     ) -> io::Result<CommandResult> {
+        if let Err(reason) = cmd.check_group(self.shard) {
+            tracing::warn!(shard = self.shard, index, %reason, "command refused at apply");
+            return Ok(CommandResult::WrongGroup { reason });
+        }
         let key = cmd.key();
         // The key's state before this entry: the chunk's own earlier write, else the tree.
         let now = match overlay.get(key) {
@@ -464,6 +513,29 @@ impl StateMachine {
                     }
                 }
             }
+            Command::Meta(change) => {
+                debug_assert_eq!(self.shard, META, "checked by check_group");
+                let mut map: ClusterMap = match &now {
+                    Some(stored) => decode_serde(&stored.value)
+                        .map_err(|e| invalid(self.shard, "cluster map", e))?,
+                    None => ClusterMap::default(),
+                };
+                let result = map.apply(change);
+                match &result {
+                    Ok(applied) => {
+                        tracing::info!(epoch = map.epoch, ?applied, "cluster map changed");
+                        set(
+                            overlay,
+                            writes,
+                            MAP_KEY.to_vec(),
+                            Some(encode_serde(&map)),
+                            index,
+                        );
+                    }
+                    Err(refused) => tracing::info!(index, %refused, "cluster map change refused"),
+                }
+                CommandResult::Meta(result)
+            }
         })
     }
 }
@@ -476,6 +548,8 @@ fn already_applied(cmd: &Command) -> CommandResult {
         Command::Put { .. } => CommandResult::Put,
         Command::Delete { .. } => CommandResult::Delete { existed: true },
         Command::CompareAndSet { .. } => CommandResult::CasApplied,
+        // Its outcome is not kept; the map already holds its effect or a later one.
+        Command::Meta(_) => CommandResult::NoOp,
     }
 }
 

@@ -21,10 +21,12 @@
 //! reach the replica it does host. A `replica` of 0 comes from a sender that predates replica
 //! ids and means this node's id. The replica hosted here is [`Shard::replica_id`].
 //!
-//! `Ping` (node-level liveness for hibernating idle groups) and `ConfirmLeadership` (node-level
-//! leadership checks for linearizable reads, see `crate::leadership`) get the first three checks
-//! only: they name no shard in the header and have no payload. A confirmation item naming a
-//! shard not hosted here, or a replica of it other than the one hosted here, is answered no.
+//! `Ping` (node-level liveness for hibernating idle groups; its reply also carries the epoch of
+//! the newest cluster map this node knows), `ConfirmLeadership` (node-level leadership checks
+//! for linearizable reads, see `crate::leadership`) and `FetchMap` (that map, for a peer that
+//! saw a higher epoch) get the first three checks only: they name no shard in the header and
+//! have no payload. A confirmation item naming a shard not hosted here, or a replica of it
+//! other than the one hosted here, is answered no.
 //!
 //! A refused peer is logged at warn at most once a minute per peer and reason. Payloads and
 //! replies are the bincode of openraft's messages; a reply is the `Result` the shard's `Raft`
@@ -53,8 +55,8 @@ use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use crate::node::Node;
 use crate::pb::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
 use crate::pb::raft::{
-    ConfirmReply, ConfirmRequest, PeerHeader, PingReply, PingRequest, RaftReply, RaftRequest,
-    SnapshotChunk,
+    ConfirmReply, ConfirmRequest, FetchMapReply, FetchMapRequest, PeerHeader, PingReply,
+    PingRequest, RaftReply, RaftRequest, SnapshotChunk,
 };
 use crate::peers::ReadIndexReply;
 use crate::peers::WarnLimiter;
@@ -337,7 +339,20 @@ impl RaftTransport for RaftService {
                 .filter(|shard| shard.is_leader())
                 .map(Shard::id)
                 .collect(),
+            map_epoch: self.node.map_epoch(),
         }))
+    }
+
+    async fn fetch_map(
+        &self,
+        request: Request<FetchMapRequest>,
+    ) -> Result<Response<FetchMapReply>, Status> {
+        self.admit_peer(request.get_ref().header.as_ref(), "fetch-map")?;
+        let map = self
+            .node
+            .cluster_map()
+            .map_or_else(Vec::new, |map| encode_serde(&*map));
+        Ok(Response::new(FetchMapReply { map }))
     }
 
     async fn confirm_leadership(

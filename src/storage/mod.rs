@@ -6,12 +6,15 @@
 //!
 //! ```text
 //! <data-dir>/FORMAT            "kvnode data directory" + format version; checked on open
-//! <data-dir>/IDENTITY          node id and shard count, fixed at creation
+//! <data-dir>/IDENTITY          node id and shard count, fixed at creation; the cluster uuid
+//!                              once the cluster map is known (format 3)
+//! <data-dir>/CLUSTER           the newest cluster map this node has seen (a cache, format 3)
 //! <data-dir>/wal/              segments of the node-wide write-ahead log (+ LOCK)
 //! <data-dir>/sm/               the sled database holding every shard's state-machine tree
-//! <data-dir>/snapshots/<shard> snapshot files of each shard
+//! <data-dir>/snapshots/<shard> snapshot files of each shard (META's: shard u64::MAX)
 //! ```
 
+pub mod cluster_cache;
 pub mod codec;
 pub mod durable_file;
 pub mod error;
@@ -37,7 +40,12 @@ pub use wal::{Wal, WalOptions};
 /// - 2: state-machine trees hold tombstones (`storage::state_tree`), which a format-1 build
 ///   would read as values. A format-1 directory holds none, so this build opens it and marks
 ///   it format 2 first; from then on a format-1 build refuses it by name.
-pub const DATA_DIR_FORMAT: u32 = 2;
+/// - 3: the META group (docs/design/membership.md §5): WAL records and a sled tree for shard
+///   `u64::MAX`, the `CLUSTER` cache and the `uuid` line of `IDENTITY`. A format-2 build would
+///   ignore all of them and run without the cluster map, so this build marks a format-2
+///   directory format 3 on open, before it writes anything of the new kinds; from then on a
+///   format-2 build refuses it by name.
+pub const DATA_DIR_FORMAT: u32 = 3;
 /// The oldest data-directory format this build opens (and upgrades on open).
 const OLDEST_DATA_DIR_FORMAT: u32 = 1;
 
@@ -287,14 +295,53 @@ mod tests {
     }
 
     #[test]
-    fn a_format_1_directory_opens_and_is_marked_format_2() {
+    fn older_directories_open_and_are_marked_format_3() {
+        for old in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let data = dir.path().join("data");
+            drop(Store::open(&data, StoreOptions::default()).unwrap());
+            fs::write(
+                data.join("FORMAT"),
+                format!("kvnode data directory\nformat {old}\n"),
+            )
+            .unwrap();
+            drop(Store::open(&data, StoreOptions::default()).unwrap());
+            let text = fs::read_to_string(data.join("FORMAT")).unwrap();
+            assert_eq!(text, "kvnode data directory\nformat 3\n", "from {old}");
+        }
+    }
+
+    /// A directory of the next format (written by a newer build) is refused, naming both.
+    #[test]
+    fn a_format_4_directory_is_refused_naming_both_formats() {
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        drop(Store::open(&data, StoreOptions::default()).unwrap());
-        fs::write(data.join("FORMAT"), "kvnode data directory\nformat 1\n").unwrap();
-        drop(Store::open(&data, StoreOptions::default()).unwrap());
-        let text = fs::read_to_string(data.join("FORMAT")).unwrap();
-        assert_eq!(text, "kvnode data directory\nformat 2\n");
+        fs::write(
+            dir.path().join("FORMAT"),
+            "kvnode data directory\nformat 4\n",
+        )
+        .unwrap();
+        let err = Store::open(dir.path(), StoreOptions::default()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::UnsupportedFormat {
+                    found: 4,
+                    supported: 3,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("on-disk format 4") && text.contains("reads format 3"),
+            "{text}"
+        );
+        let marker = fs::read_to_string(dir.path().join("FORMAT")).unwrap();
+        assert_eq!(
+            marker, "kvnode data directory\nformat 4\n",
+            "left as it was"
+        );
     }
 
     /// sled lets go of its lock a moment after a store is dropped (see `open_sled`): reopening

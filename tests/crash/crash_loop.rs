@@ -371,6 +371,7 @@ fn model_state(shard: u64, end: u64) -> HashMap<Vec<u8>, (u64, Vec<u8>)> {
                     };
                 }
             }
+            Command::Meta(_) => unreachable!("the child writes data shards only"),
         }
     }
     state

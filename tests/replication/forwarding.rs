@@ -33,7 +33,8 @@ use kvnode::pb::kv::{
 };
 use kvnode::pb::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
 use kvnode::pb::raft::{
-    ConfirmReply, ConfirmRequest, PingReply, PingRequest, RaftReply, RaftRequest, SnapshotChunk,
+    ConfirmReply, ConfirmRequest, FetchMapReply, FetchMapRequest, PingReply, PingRequest,
+    RaftReply, RaftRequest, SnapshotChunk,
 };
 use kvnode::pb::status::OUTCOME;
 use kvnode::{Config, Node};
@@ -323,6 +324,7 @@ impl RaftTransport for StandIn {
         Ok(Response::new(PingReply {
             boot_id: 2,
             leading: Vec::new(),
+            map_epoch: 0,
         }))
     }
 
@@ -330,6 +332,13 @@ impl RaftTransport for StandIn {
         &self,
         _: Request<ConfirmRequest>,
     ) -> Result<Response<ConfirmReply>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+
+    async fn fetch_map(
+        &self,
+        _: Request<FetchMapRequest>,
+    ) -> Result<Response<FetchMapReply>, Status> {
         Err(Status::unimplemented("stand-in"))
     }
 }

@@ -1,9 +1,10 @@
 //! Replication over real sockets with in-process nodes, one test binary: the peer transport
-//! (`transport`), forwarding (`forwarding`), and the read levels under partitions and held
-//! applies (`consistency`).
+//! (`transport`), forwarding (`forwarding`), the META group and its map (`membership`), and
+//! the read levels under partitions and held applies (`consistency`).
 
 mod consistency;
 mod forwarding;
+mod membership;
 mod transport;
 
 use std::future::Future;

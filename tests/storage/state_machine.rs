@@ -238,3 +238,115 @@ async fn installing_a_damaged_snapshot_fails_and_leaves_the_state_machine_as_it_
     assert_eq!(sm.last_applied().unwrap(), Some(log_id(1, 1, 3)));
     assert_eq!(sm.get(b"k3").unwrap(), model(3, 3));
 }
+
+/// The META group's state machine: the map is one key, changed only by applied map changes,
+/// published to the map view, skipped on replay, and carried by snapshots; key writes on META
+/// and map changes on a data shard are refused as values.
+#[tokio::test]
+async fn the_meta_state_machine_keeps_the_map_and_refuses_foreign_commands() {
+    use kvnode::cluster::MapView;
+    use kvnode::cluster::membership::{Applied, META, MetaChange, MetaRejected};
+    use kvnode::cluster::seed::seed_map;
+    use kvnode::raft::command::MAP_KEY;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("a"), StoreOptions::default()).unwrap();
+    let config = kvnode::Config {
+        shards: 4,
+        ..kvnode::Config::single_node("unused")
+    };
+    let seed = seed_map(&config, 42).unwrap();
+
+    // A data shard refuses a map change as a value and stores nothing.
+    let mut data = StateMachine::open(&store, SHARD, None).unwrap();
+    let results = data
+        .apply_entries(vec![normal_entry(
+            log_id(1, 1, 1),
+            Command::Meta(MetaChange::Seed(seed.clone())),
+        )])
+        .unwrap();
+    assert!(
+        matches!(&results[..], [CommandResult::WrongGroup { reason }] if reason.contains("data shard")),
+        "{results:?}"
+    );
+    assert_eq!(data.get(MAP_KEY).unwrap(), None);
+
+    let view = Arc::new(MapView::default());
+    let mut meta = StateMachine::open(&store, META, None).unwrap();
+    meta.publish_map_to(Arc::clone(&view)).unwrap();
+    assert_eq!(view.epoch(), 0);
+    let set_addr = MetaChange::SetAddr {
+        id: 1,
+        addr: "h:1".into(),
+    };
+    let batch = vec![
+        normal_entry(log_id(1, 1, 1), Command::Meta(set_addr.clone())),
+        normal_entry(
+            log_id(1, 1, 2),
+            Command::Meta(MetaChange::Seed(seed.clone())),
+        ),
+        normal_entry(log_id(1, 1, 3), put(1)),
+        normal_entry(
+            log_id(1, 1, 4),
+            Command::Meta(MetaChange::Seed(seed.clone())),
+        ),
+        normal_entry(log_id(1, 1, 5), Command::Meta(set_addr)),
+    ];
+    let results = meta.apply_entries(batch.clone()).unwrap();
+    assert_eq!(
+        results[0],
+        CommandResult::Meta(Err(MetaRejected::NotSeeded { change: "SetAddr" }))
+    );
+    assert_eq!(results[1], CommandResult::Meta(Ok(Applied::Seeded)));
+    assert!(
+        matches!(&results[2], CommandResult::WrongGroup { reason } if reason.contains("META")),
+        "{:?}",
+        results[2]
+    );
+    assert_eq!(
+        results[3],
+        CommandResult::Meta(Err(MetaRejected::AlreadySeeded { epoch: 1 }))
+    );
+    assert_eq!(
+        results[4],
+        CommandResult::Meta(Ok(Applied::AddrSet { id: 1 }))
+    );
+    let map = view.current().expect("published");
+    assert_eq!((map.epoch, map.cluster_uuid), (2, 42));
+    assert_eq!(map.nodes[&1].addr, "h:1");
+    assert_eq!(meta.get(MAP_KEY).unwrap().unwrap().version, 5);
+
+    // Replayed after a crash (the map already holds index 5): every entry is skipped.
+    let replayed = meta.apply_entries(batch[1..].to_vec()).unwrap();
+    assert!(
+        replayed
+            .iter()
+            .all(|r| matches!(r, CommandResult::NoOp | CommandResult::WrongGroup { .. }))
+    );
+    assert_eq!(view.current().unwrap(), map);
+
+    // A snapshot carries the map to another replica, whose view learns it on install.
+    let snapshot = meta
+        .try_create_snapshot_builder(true)
+        .await
+        .unwrap()
+        .build_snapshot()
+        .await
+        .unwrap();
+    let other_store = Store::open(dir.path().join("b"), StoreOptions::default()).unwrap();
+    let other_view = Arc::new(MapView::default());
+    let mut other = StateMachine::open(&other_store, META, None).unwrap();
+    other.publish_map_to(Arc::clone(&other_view)).unwrap();
+    other
+        .install_snapshot(&snapshot.meta, snapshot.snapshot.clone())
+        .await
+        .unwrap();
+    assert_eq!(other_view.current().unwrap(), map);
+    // And a reopened state machine publishes the stored map at once.
+    drop(other);
+    let reopened_view = Arc::new(MapView::default());
+    let mut reopened = StateMachine::open(&other_store, META, None).unwrap();
+    reopened.publish_map_to(Arc::clone(&reopened_view)).unwrap();
+    assert_eq!(reopened_view.current().unwrap(), map);
+}
