@@ -504,7 +504,7 @@ mod tests {
     use super::*;
 
     use crate::pb::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
-    use crate::pb::raft::{ConfirmReply, RaftReply, SnapshotChunk};
+    use crate::pb::raft::{ConfirmReply, FetchMapReply, FetchMapRequest, RaftReply, SnapshotChunk};
     use tokio::sync::Semaphore;
     use tonic::{Request, Response, Status, Streaming};
 
@@ -544,7 +544,14 @@ mod tests {
             Ok(Response::new(PingReply {
                 boot_id: 7,
                 leading: Vec::new(),
+                map_epoch: 0,
             }))
+        }
+        async fn fetch_map(
+            &self,
+            _: Request<FetchMapRequest>,
+        ) -> Result<Response<FetchMapReply>, Status> {
+            Err(Status::unimplemented("test peer"))
         }
         async fn confirm_leadership(
             &self,
