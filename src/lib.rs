@@ -179,8 +179,9 @@
 #![deny(missing_docs)]
 
 // The documented API is what an application uses: `Node`, `Config`, the read levels and
-// receipts, errors, the Rust `client`, the wire types (`pb`) and `server::serve`. Internals
-// that nothing outside the crate needs are `pub(crate)` (clock, cluster, read_index, router).
+// receipts, errors, the Rust `client`, the cluster map it returns and the placement rule
+// (`cluster`), the wire types (`pb`) and `server::serve`. Internals that nothing outside the
+// crate needs are `pub(crate)` (clock, read_index, router).
 // Modules marked `doc(hidden)` are internals that another package of the workspace or the
 // crate's own tests and benches reach, so they stay `pub`; they carry no stability promise and
 // may name openraft or sled types:
@@ -192,7 +193,7 @@
 
 pub mod client;
 pub(crate) mod clock;
-pub(crate) mod cluster;
+pub mod cluster;
 pub mod config;
 pub mod consistency;
 pub mod error;

@@ -4,8 +4,7 @@
 //! on and changed) lives here too: [`membership`] is the cluster map and the pure state machine
 //! that changes it (docs/design/membership.md §1.1).
 
-// The cluster map's state machine; the META group (milestone M2) is its first user.
-pub(crate) mod membership;
+pub mod membership;
 pub mod placement;
 
 pub use placement::replicas;
