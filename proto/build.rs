@@ -9,7 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         unsafe { std::env::set_var("PROTOC", protoc) };
     }
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure()
-        .compile_protos(&["proto/kv.proto", "proto/raft.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(
+        &["proto/kv.proto", "proto/raft.proto", "proto/admin.proto"],
+        &["proto"],
+    )?;
     Ok(())
 }

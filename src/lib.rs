@@ -207,8 +207,9 @@
 #![deny(missing_docs)]
 
 // The documented API is what an application uses: `Node`, `Config`, the read levels and
-// receipts, errors, the Rust `client`, the wire types (`pb`) and `server::serve`. Internals
-// that nothing outside the crate needs are `pub(crate)` (clock, read_index, router).
+// receipts, errors, the Rust `client`, the cluster map it returns and the placement rule
+// (`cluster`), the wire types (`pb`) and `server::serve`. Internals that nothing outside the
+// crate needs are `pub(crate)` (clock, read_index, router).
 // Modules marked `doc(hidden)` are internals that another package of the workspace or the
 // crate's own tests and benches reach, so they stay `pub`; they carry no stability promise and
 // may name openraft or sled types:
@@ -217,12 +218,10 @@
 // - `peers`: kvnode-testkit's in-process cluster (test partitions) and the transport test;
 // - `leadership`: the consistency test; `hibernation`, `shard`: kvnode-cli's cluster tests;
 // - `planted` (feature `planted-bugs` only): kvnode-cli's `kvnode` / `kvnode-planted` binaries;
-// - `cluster`: the cluster map (`Node::cluster_map`) for the membership tests and, later,
-//   kvnode-cli's `kvctl node list`; its `membership`, `map_view` and `seed` are hidden too.
+// - `cluster::map_view`, `cluster::seed`: the membership tests (`Node::cluster_map`).
 
 pub mod client;
 pub(crate) mod clock;
-#[doc(hidden)]
 pub mod cluster;
 pub mod config;
 pub mod consistency;

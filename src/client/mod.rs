@@ -32,6 +32,7 @@
 //!
 //! [`Node`]: crate::Node
 
+mod admin;
 pub mod retry;
 
 use std::collections::{BTreeMap, HashMap};
@@ -51,6 +52,7 @@ use crate::pb::{convert, kv};
 use crate::reply::{CasReply, DeleteReply, GetReply};
 use crate::sharding::{HashRing, ShardId};
 
+pub use admin::{NodeList, NodeSummary};
 pub use retry::{Decision, Next, Operation, RetryPolicy};
 
 /// How a [`Client`] talks to the cluster.
@@ -380,19 +382,14 @@ impl Client {
     /// The cluster as the first node that answers sees it (known nodes first, then the
     /// seeds). Also refreshes the client's shard map.
     pub async fn status(&self) -> Result<ClusterStatus> {
-        let mut candidates: Vec<String> = self.inner.read_map().nodes.values().cloned().collect();
-        candidates.extend(self.inner.seeds.iter().cloned());
         let mut last = None;
-        for addr in dedup(candidates) {
+        for addr in self.candidates() {
             match self.status_at(&addr).await {
                 Ok(status) => return Ok(status),
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or_else(|| Error::Unavailable {
-            shard: 0,
-            reason: "no node known".into(),
-        }))
+        Err(last.unwrap_or_else(admin::no_node))
     }
 
     /// The cluster as `node` sees it (its own replicas' terms and indexes).
@@ -402,13 +399,7 @@ impl Client {
     /// `InvalidArgument` if the client knows no such node; otherwise the node's error
     /// (`Unavailable` if it cannot be reached).
     pub async fn node_status(&self, node: u64) -> Result<ClusterStatus> {
-        let addr = self
-            .inner
-            .read_map()
-            .nodes
-            .get(&node)
-            .cloned()
-            .ok_or_else(|| Error::InvalidArgument(format!("unknown node {node}")))?;
+        let addr = self.addr_of(node)?;
         self.status_at(&addr).await
     }
 

@@ -5,11 +5,11 @@
 //! that changes it (docs/design/membership.md §1.1), [`map_view`] is the newest map a node
 //! knows, and [`seed`] derives the first map from a node's flags (§5).
 
-// Public for `kvnode-cli` and the tests (the map a node knows, `Node::cluster_map`), but
-// hidden from the docs: these types change with every membership milestone of issue 17.
+// `map_view` and `seed` are public for `kvnode-cli` and the tests, but hidden from the docs:
+// they change with every membership milestone of issue 17. `membership` is documented: its map
+// is what `Client::cluster_map` returns.
 #[doc(hidden)]
 pub mod map_view;
-#[doc(hidden)]
 pub mod membership;
 pub mod placement;
 #[doc(hidden)]

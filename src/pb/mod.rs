@@ -3,6 +3,7 @@
 //! ([`status`]) and the client API's message limit: everything the server and the client
 //! share, so the client builds without the server.
 
+pub mod cluster_map;
 pub mod status;
 
 /// Largest client-API gRPC message accepted or sent, by nodes and clients alike (a value up
@@ -13,6 +14,12 @@ pub const MAX_MESSAGE_BYTES: usize = 80 * 1024 * 1024;
 #[allow(missing_docs, clippy::all)]
 pub mod kv {
     tonic::include_proto!("kvnode.v1");
+}
+
+/// The admin API (`proto/admin.proto`): the cluster map and membership.
+#[allow(missing_docs, clippy::all)]
+pub mod admin {
+    tonic::include_proto!("kvnode.admin.v1");
 }
 
 /// The peer transport (`proto/raft.proto`): between nodes only.

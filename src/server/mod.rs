@@ -1,6 +1,8 @@
-//! The gRPC server of a node: the client API ([`kv`]) and the peer transport (`raft`), with
-//! errors mapped by [`crate::pb::status`]. Services are thin: decode, call the node, encode.
+//! The gRPC server of a node: the client API ([`kv`]), the admin API ([`admin`]) and the peer
+//! transport (`raft`), with errors mapped by [`crate::pb::status`]. Services are thin: decode,
+//! call the node, encode.
 
+pub mod admin;
 pub mod kv;
 mod outcome;
 #[doc(hidden)]
@@ -26,6 +28,7 @@ pub async fn serve(
     Server::builder()
         .layer(outcome::OutcomeLayer)
         .add_service(kv::kv_service(node.clone()))
+        .add_service(admin::admin_service(node.clone()))
         .add_service(raft::raft_service(node.clone()))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

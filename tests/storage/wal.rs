@@ -722,3 +722,82 @@ fn a_sealed_last_segment_is_synced_on_open_before_the_log_builds_on_it() {
     let expected: Vec<(u64, Vec<u8>)> = (0..=10).map(|i| (i, entry(1, i, 100))).collect();
     assert_eq!(wal.read(1, ..).unwrap(), expected);
 }
+
+/// Shard 1 writes a log across several segments with a vote and a committed marker; shard 2
+/// writes a little. Returns the log.
+fn two_shards_with_a_long_log_on_one(dir: &Path, disk: Arc<PowerLossDisk>) -> Wal {
+    let wal = Wal::open(dir, options(disk, PURGE_SEGMENT)).unwrap();
+    append_range_durably(&wal, 1, 0..300);
+    let (tx, rx) = mpsc::channel();
+    wal.save_vote(
+        1,
+        b"vote of 1".to_vec(),
+        Box::new(move |r| tx.send(r).unwrap()),
+    )
+    .unwrap();
+    rx.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
+    wal.save_committed(1, Some(b"committed 299".to_vec()))
+        .unwrap();
+    append_range_durably(&wal, 2, 0..3);
+    assert!(segment_files(dir).len() > 2, "shard 1 must span segments");
+    wal
+}
+
+fn assert_retired(wal: &Wal, shard: u64) {
+    let state = wal.shard_state(shard);
+    assert_eq!((state.first_index, state.last_index), (None, None));
+    assert_eq!(state.meta, Default::default(), "vote and markers are gone");
+    assert!(!wal.shards().contains(&shard));
+    assert_eq!(wal.read(shard, ..).unwrap(), Vec::new());
+}
+
+#[test]
+fn a_retired_shard_loses_its_log_and_markers_frees_its_segments_and_can_start_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(PowerLossDisk::default());
+    let wal = two_shards_with_a_long_log_on_one(dir.path(), disk.clone());
+    let before = segment_files(dir.path()).len();
+    wal.retire(1).unwrap();
+    assert_retired(&wal, 1);
+    assert!(
+        segment_files(dir.path()).len() < before,
+        "shard 1 pinned the older segments; retiring it must free them"
+    );
+    let shard2: Vec<(u64, Vec<u8>)> = (0..3).map(|i| (i, entry(2, i, 100))).collect();
+    assert_eq!(wal.read(2, ..).unwrap(), shard2);
+    drop(wal);
+
+    // Replay agrees, and a new incarnation of shard 1 starts from an empty log.
+    let wal = Wal::open(dir.path(), options(disk.clone(), PURGE_SEGMENT)).unwrap();
+    assert_retired(&wal, 1);
+    assert_eq!(wal.read(2, ..).unwrap(), shard2);
+    append_durably(&wal, 1, 1, vec![entry(1, 1, 10)]);
+    drop(wal);
+    let wal = Wal::open(dir.path(), options(disk, PURGE_SEGMENT)).unwrap();
+    assert_eq!(wal.read(1, ..).unwrap(), vec![(1, entry(1, 1, 10))]);
+    assert_eq!(
+        wal.vote(1),
+        None,
+        "the old incarnation's vote must not come back"
+    );
+}
+
+#[test]
+fn a_power_loss_right_after_a_retire_keeps_the_shard_retired_and_the_log_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(PowerLossDisk::default());
+    let wal = two_shards_with_a_long_log_on_one(dir.path(), disk.clone());
+    wal.retire(1).unwrap();
+    assert!(
+        wal.stats().segments_deleted >= 1,
+        "the retire must delete segments"
+    );
+    drop(wal);
+    disk.lose_power(dir.path());
+
+    let wal = Wal::open(dir.path(), options(disk, PURGE_SEGMENT))
+        .expect("the log must open after a power loss following a retire");
+    assert_retired(&wal, 1);
+    let shard2: Vec<(u64, Vec<u8>)> = (0..3).map(|i| (i, entry(2, i, 100))).collect();
+    assert_eq!(wal.read(2, ..).unwrap(), shard2);
+}

@@ -12,6 +12,9 @@
 //!   that covers them, and callbacks run in write order (`group_commit.rs`).
 //! - All writes of all shards go through one file in one order, so a vote is never durable
 //!   before an earlier append, nor the reverse (openraft's IO-ordering rule).
+//! - [`Wal::retire`] forgets a shard whose replica left the node, durably before it returns;
+//!   replay drops everything the shard had before the `Retire` record, and a later record
+//!   starts a new log for it.
 //! - `truncate_after`, `purge` and `save_committed` need no sync of their own: losing one in a
 //!   crash is the same as the crash happening just before it, and any later sync covers it.
 //!   The one thing never done on the strength of an unsynced record is deleting a segment
@@ -327,6 +330,20 @@ impl Wal {
             },
             None,
         )?;
+        self.collect_garbage()
+    }
+
+    /// Forgets `shard`'s log: entries, vote, committed and purge markers (a replica that
+    /// left this node, docs/design/membership.md §4.5). Returns once the `Retire` record is
+    /// durable, so the caller may then delete the replica's state: after a crash the log never
+    /// holds a retired shard's entries without its state, nor the reverse in a way that
+    /// matters (a retire lost before it was durable finds the state still there). Then
+    /// deletes segments no shard needs any more. Blocks for an `fdatasync`.
+    ///
+    /// A later append, vote or marker for `shard` starts a new log from nothing.
+    pub fn retire(&self, shard: u64) -> Result<()> {
+        self.write(&Record::Retire { shard }, None)?;
+        self.wait_for_group_commit()?;
         self.collect_garbage()
     }
 
@@ -698,6 +715,9 @@ fn apply(
             }
         }
         Record::Seal { .. } => {}
+        Record::Retire { shard } => {
+            shards.remove(shard);
+        }
     }
 }
 

@@ -77,6 +77,14 @@ pub enum Record {
         /// Id of the segment that continues the log.
         next_segment: u64,
     },
+    /// The shard's replica left this node: its entries, vote and markers are gone, and later
+    /// checkpoints do not list it. A later record for the same shard starts a new, empty log
+    /// (the next incarnation of the shard here, with a new replica id). Appended last, so
+    /// records written by older builds decode unchanged.
+    Retire {
+        /// The shard.
+        shard: u64,
+    },
 }
 
 /// The payload of a WAL frame: the writer's durability watermark, then the record.

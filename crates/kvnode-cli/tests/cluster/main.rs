@@ -3,11 +3,13 @@
 //! the time until writes to that shard succeed again, restart and catch-up, SIGTERM shutdown
 //! (exit 0) and rejoin, and a Python gRPC client talking to a follower; one node on port 0
 //! reporting its address. `client`: the Rust client and `kvctl` against an in-process node.
+//! `membership`: the cluster map every node learns, and `kvctl node list`.
 
 mod client;
 mod consistency;
 mod harness;
 mod hibernation;
+mod membership;
 mod python;
 
 use std::time::{Duration, Instant};

@@ -3,10 +3,12 @@
 //! Prints values and receipts on stdout; on failure prints the error and whether its outcome
 //! is definite (nothing happened) or indeterminate (a write may have committed) on stderr and
 //! exits with 1. Usage errors exit with 2. `kvctl jepsen` (in `jepsen.rs`) runs fault tests;
-//! `kvctl bench` (in `bench.rs`) runs the load generator against kvnode or etcd.
+//! `kvctl bench` (in `bench.rs`) runs the load generator against kvnode or etcd; `kvctl node`
+//! (in `node.rs`) lists the cluster's nodes.
 
 mod bench;
 mod jepsen;
+mod node;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -79,6 +81,9 @@ enum Command {
     /// Show the cluster: one row per shard with its replicas, leader, term and every node's
     /// commit/applied index. Nodes that do not answer show as `down`.
     Status,
+    /// The cluster's nodes: `kvctl node list`.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
     /// Jepsen-style fault testing: run a campaign against real kvnode processes, or re-check
     /// a saved run.
     #[command(subcommand)]
@@ -265,6 +270,7 @@ async fn run(cli: Cli, read_options: Option<ReadOptions>) -> anyhow::Result<()> 
             println!("{}", write_receipt(&c.receipt));
         }
         Command::Status => status(&client).await?,
+        Command::Node(command) => node::run(&client, command).await?,
         Command::Jepsen(_) | Command::Bench(_) => unreachable!("handled in main"),
     }
     Ok(())

@@ -1,0 +1,228 @@
+//! The client's admin calls (`proto/admin.proto`): the cluster map and the node list.
+//!
+//! A map is only as new as the node that answered. [`Client::cluster_map`] asks every node the
+//! client knows at once and keeps the highest epoch, so an operator never sees an older map
+//! than a reachable node has; [`Client::cluster_map_at`] asks one node (to see what *it*
+//! routes by).
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use tonic::Request;
+use tonic::transport::Channel;
+
+use super::{Client, dedup, millis};
+use crate::cluster::membership::{ClusterMap, NodeId, NodeState};
+use crate::error::{Error, Result};
+use crate::pb::admin::admin_client::AdminClient;
+use crate::pb::admin::{self, GetClusterMapRequest, ListNodesRequest};
+use crate::pb::cluster_map::{from_wire, state_from_wire};
+use crate::pb::status::from_status;
+
+/// One node of the cluster map, with what it holds: a row of `kvctl node list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSummary {
+    /// The node id (never reused).
+    pub id: NodeId,
+    /// Its client and peer address.
+    pub addr: String,
+    /// Where it is in its life cycle.
+    pub state: NodeState,
+    /// What placement ranks it by (its own id, or the id of the node it replaced).
+    pub placement_key: u64,
+    /// The map epoch at which it entered `state`.
+    pub since_epoch: u64,
+    /// Voter replicas it holds, the metadata group's included.
+    pub replicas: u32,
+    /// Replicas a move in progress is adding on it.
+    pub incoming: u32,
+}
+
+/// The node list of one map: the reply to `ListNodes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeList {
+    /// The node that answered.
+    pub answered_by: NodeId,
+    /// The epoch of its map.
+    pub epoch: u64,
+    /// The cluster's name.
+    pub cluster_name: String,
+    /// Every node ever registered, `Removed` ones included, in id order.
+    pub nodes: Vec<NodeSummary>,
+}
+
+impl Client {
+    /// The newest cluster map any known node has: every node the client knows (and the seeds)
+    /// is asked at once, and the highest epoch wins.
+    ///
+    /// # Errors
+    ///
+    /// If no node answers, the error of the last one asked (`Unavailable` when none could be
+    /// reached, or none knows a map yet).
+    pub async fn cluster_map(&self) -> Result<ClusterMap> {
+        let timeout = self.inner.options.request_timeout;
+        let answers = join_all(
+            self.candidates()
+                .into_iter()
+                .map(|addr| async move { self.map_from(&addr, timeout).await }),
+        )
+        .await;
+        let mut best: Option<ClusterMap> = None;
+        let mut last = None;
+        for answer in answers {
+            match answer {
+                Ok((_, map)) if best.as_ref().is_none_or(|b| map.epoch > b.epoch) => {
+                    best = Some(map)
+                }
+                Ok(_) => {}
+                Err(e) => last = Some(e),
+            }
+        }
+        best.ok_or_else(|| last.unwrap_or_else(no_node))
+    }
+
+    /// The cluster map node `node` routes by (it may be older than another node's).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidArgument` if the client knows no such node; otherwise the node's error.
+    pub async fn cluster_map_at(&self, node: NodeId) -> Result<ClusterMap> {
+        let addr = self.addr_of(node)?;
+        let (_, map) = self
+            .map_from(&addr, self.inner.options.request_timeout)
+            .await?;
+        Ok(map)
+    }
+
+    /// The node list of the first node that answers (known nodes first, then the seeds).
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::cluster_map`].
+    pub async fn list_nodes(&self) -> Result<NodeList> {
+        let timeout = self.inner.options.request_timeout;
+        let mut last = None;
+        for addr in self.candidates() {
+            let mut request = Request::new(ListNodesRequest {});
+            request.set_timeout(timeout);
+            let answer = self
+                .admin_call(
+                    &addr,
+                    timeout,
+                    "list nodes",
+                    request,
+                    |mut c, r| async move { c.list_nodes(r).await },
+                )
+                .await
+                .and_then(node_list);
+            match answer {
+                Ok(list) => return Ok(list),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(no_node))
+    }
+
+    /// Known nodes' addresses, then the seeds, without repeats.
+    pub(super) fn candidates(&self) -> Vec<String> {
+        let mut candidates: Vec<String> = self.inner.read_map().nodes.values().cloned().collect();
+        candidates.extend(self.inner.seeds.iter().cloned());
+        dedup(candidates)
+    }
+
+    pub(super) fn addr_of(&self, node: NodeId) -> Result<String> {
+        self.inner
+            .read_map()
+            .nodes
+            .get(&node)
+            .cloned()
+            .ok_or_else(|| Error::InvalidArgument(format!("unknown node {node}")))
+    }
+
+    async fn map_from(&self, addr: &str, timeout: Duration) -> Result<(NodeId, ClusterMap)> {
+        let mut request = Request::new(GetClusterMapRequest {});
+        request.set_timeout(timeout);
+        let reply = self
+            .admin_call(
+                addr,
+                timeout,
+                "get cluster map",
+                request,
+                |mut c, r| async move { c.get_cluster_map(r).await },
+            )
+            .await?;
+        let map = reply.map.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(format!("{addr} answered GetClusterMap without a map"))
+        })?;
+        Ok((reply.node, from_wire(map)?))
+    }
+
+    /// One admin call to `addr`, bounded by `timeout`; a transport failure names `addr`.
+    async fn admin_call<Req, Resp, F, Fut>(
+        &self,
+        addr: &str,
+        timeout: Duration,
+        operation: &'static str,
+        request: Request<Req>,
+        rpc: F,
+    ) -> Result<Resp>
+    where
+        F: FnOnce(AdminClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let client = AdminClient::new(self.inner.channels.get(addr)?);
+        match tokio::time::timeout(timeout, rpc(client, request)).await {
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Err(status)) => Err(match from_status(&status, false) {
+                Error::Unavailable { shard, reason } => Error::Unavailable {
+                    shard,
+                    reason: format!("{addr}: {reason}"),
+                },
+                other => other,
+            }),
+            Err(_) => Err(Error::Timeout {
+                shard: 0,
+                operation,
+                millis: millis(timeout),
+                write: false,
+            }),
+        }
+    }
+}
+
+fn node_list(reply: admin::ListNodesReply) -> Result<NodeList> {
+    let nodes = reply
+        .nodes
+        .iter()
+        .map(|row| {
+            let n = row.node.as_ref().ok_or_else(|| {
+                Error::InvalidArgument("ListNodes answered a row without a node".into())
+            })?;
+            Ok(NodeSummary {
+                id: n.id,
+                addr: n.addr.clone(),
+                state: state_from_wire(n.state).ok_or_else(|| {
+                    Error::InvalidArgument(format!("node {} has unknown state {}", n.id, n.state))
+                })?,
+                placement_key: n.placement_key,
+                since_epoch: n.since_epoch,
+                replicas: row.replicas,
+                incoming: row.incoming,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(NodeList {
+        answered_by: reply.node,
+        epoch: reply.epoch,
+        cluster_name: reply.cluster_name,
+        nodes,
+    })
+}
+
+/// The error when the client has no node to ask.
+pub(super) fn no_node() -> Error {
+    Error::Unavailable {
+        shard: 0,
+        reason: "no node known".into(),
+    }
+}
