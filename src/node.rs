@@ -101,7 +101,7 @@ impl Node {
         )?;
         let identity = check_identity(&store, &config)?;
         let map_view = Arc::new(MapView::default());
-        let cached = load_cached_map(store.dir(), &map_view);
+        let cached = load_cached_map(store.dir(), identity.uuid, &map_view);
         let ring = HashRing::with_shards(config.shards)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let nodes = config.node_ids();
@@ -641,8 +641,10 @@ async fn follow_map(peers: Arc<Peers>, view: Arc<MapView>, retry: Duration) {
 }
 
 /// Offers the map in `<dir>/CLUSTER` to `view`; returns its epoch (0: none). The file is only a
-/// cache: a damaged one is logged and ignored, and META's map replaces it.
-fn load_cached_map(dir: &std::path::Path, view: &MapView) -> u64 {
+/// cache: a damaged one is logged and ignored, and META's map replaces it; so is one of another
+/// cluster than the directory's `IDENTITY` names (`uuid`), which would otherwise keep this
+/// node's own META map out of the view (`MapView::offer` refuses a foreign uuid).
+fn load_cached_map(dir: &std::path::Path, uuid: Option<u128>, view: &MapView) -> u64 {
     let path = cluster_cache::path(dir);
     let bytes = match cluster_cache::read(dir) {
         Ok(Some(bytes)) => bytes,
@@ -653,6 +655,15 @@ fn load_cached_map(dir: &std::path::Path, view: &MapView) -> u64 {
         }
     };
     match decode_serde::<ClusterMap>(&bytes) {
+        Ok(map) if uuid.is_some_and(|u| u != map.cluster_uuid) => {
+            tracing::warn!(
+                path = %path.display(),
+                identity = format_args!("{:032x}", uuid.unwrap_or_default()),
+                cache = format_args!("{:032x}", map.cluster_uuid),
+                "ignoring the cluster-map cache: it belongs to another cluster than IDENTITY"
+            );
+            0
+        }
         Ok(map) => {
             let epoch = map.epoch;
             view.offer(Arc::new(map));

@@ -31,9 +31,23 @@ impl Default for MapView {
 
 impl MapView {
     /// Installs `map` if it is seeded and newer than the current one (a higher epoch); returns
-    /// whether it did. An unseeded map (epoch 0) is never installed.
+    /// whether it did. An unseeded map (epoch 0) is never installed, nor is a map of another
+    /// cluster (another `cluster_uuid` than the current map's): epochs of two histories say
+    /// nothing about each other, and a peer of another cluster that happens to share the name
+    /// must not replace this node's map.
     pub fn offer(&self, map: Arc<ClusterMap>) -> bool {
         self.tx.send_if_modified(|current| {
+            if let Some(c) = current.as_ref()
+                && c.cluster_uuid != map.cluster_uuid
+            {
+                tracing::debug!(
+                    ours = format_args!("{:032x}", c.cluster_uuid),
+                    offered = format_args!("{:032x}", map.cluster_uuid),
+                    epoch = map.epoch,
+                    "ignoring a cluster map of another cluster"
+                );
+                return false;
+            }
             let newer = map.epoch > current.as_ref().map_or(0, |c| c.epoch);
             if newer {
                 *current = Some(Arc::clone(&map));
@@ -86,5 +100,18 @@ mod tests {
         assert_eq!(view.current().unwrap().name, "three");
         assert!(view.offer(map(4, "four")));
         assert_eq!(view.epoch(), 4);
+    }
+
+    #[test]
+    fn never_installs_a_map_of_another_cluster() {
+        let view = MapView::default();
+        assert!(view.offer(map(3, "ours")));
+        let foreign = Arc::new(ClusterMap {
+            cluster_uuid: 0xf0,
+            ..(*map(9, "theirs")).clone()
+        });
+        assert!(!view.offer(foreign));
+        assert_eq!(view.current().unwrap().name, "ours");
+        assert!(view.offer(map(4, "ours, later")));
     }
 }

@@ -230,8 +230,8 @@ impl std::io::Write for Captured {
     }
 }
 
-/// A damaged `CLUSTER` file is only a lost cache: the node opens, warns, and META's map
-/// replaces it.
+/// A damaged `CLUSTER` file, or one of another cluster, is only a lost cache: the node opens,
+/// warns, and META's map replaces it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_cluster_cache_is_ignored_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
@@ -241,18 +241,29 @@ async fn a_corrupt_cluster_cache_is_ignored_with_a_warning() {
     node.close().await;
 
     let path = dir.path().join("CLUSTER");
-    for damage in ["truncated", "flipped"] {
-        let mut bytes = std::fs::read(&path).unwrap();
-        if damage == "truncated" {
-            bytes.truncate(bytes.len() / 2);
+    for damage in ["truncated", "flipped", "another cluster's"] {
+        if damage == "another cluster's" {
+            // Intact, newer, but of another cluster: it must not hide this node's own map.
+            let foreign = kvnode::cluster::membership::ClusterMap {
+                cluster_uuid: map.cluster_uuid ^ 1,
+                epoch: map.epoch + 10,
+                ..(*map).clone()
+            };
+            let bytes = kvnode::storage::codec::encode_serde(&foreign);
+            kvnode::storage::cluster_cache::write(dir.path(), &bytes).unwrap();
         } else {
-            let last = bytes.len() - 1;
-            bytes[last] ^= 0x40;
+            let mut bytes = std::fs::read(&path).unwrap();
+            if damage == "truncated" {
+                bytes.truncate(bytes.len() / 2);
+            } else {
+                let last = bytes.len() - 1;
+                bytes[last] ^= 0x40;
+            }
+            std::fs::File::create(&path)
+                .unwrap()
+                .write_all(&bytes)
+                .unwrap();
         }
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(&bytes)
-            .unwrap();
         let captured = Captured::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
