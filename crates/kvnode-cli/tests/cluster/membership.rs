@@ -241,7 +241,7 @@ async fn a_joined_node_gets_the_next_id_becomes_active_serves_and_keeps_its_id()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kvctl_node_add_pre_registers_the_id_and_another_clusters_dir_is_refused() {
+async fn kvctl_node_add_pre_registers_the_id_and_another_clusters_name_or_dir_is_refused() {
     let mut cluster = Cluster::start(3).await;
     cluster.wait_all_shards_led(Duration::from_secs(30)).await;
     let client = Client::connect(cluster.seeds()).await.unwrap();
@@ -250,14 +250,17 @@ async fn kvctl_node_add_pre_registers_the_id_and_another_clusters_dir_is_refused
     })
     .await;
 
-    // `kvctl node add ADDR` registers the id; a second add of the same address answers it
-    // again (idempotent while Joining).
+    // `kvctl node add ADDR` registers the id; adds of the same address through every node
+    // answer it again (idempotent while Joining; at least two of them forward to META's
+    // leader).
     let mut joiner = cluster.extra_node("joiner");
     let (code, out, err) = kvctl(&cluster.addr(2), &["node", "add", &joiner.addr()]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "4");
-    let (code, again, err) = kvctl(&cluster.addr(3), &["node", "add", &joiner.addr()]).await;
-    assert_eq!((code, again.trim()), (0, "4"), "{err}");
+    for via in [1, 2, 3] {
+        let (code, again, err) = kvctl(&cluster.addr(via), &["node", "add", &joiner.addr()]).await;
+        assert_eq!((code, again.trim()), (0, "4"), "through node {via}: {err}");
+    }
     let registered = client.cluster_map_at(1).await.unwrap();
     assert_eq!(registered.nodes[&4].state, NodeState::Joining);
 
@@ -273,6 +276,19 @@ async fn kvctl_node_add_pre_registers_the_id_and_another_clusters_dir_is_refused
         err.contains("already exists") && err.contains("node 4"),
         "{err}"
     );
+
+    // A join that names another cluster is refused, naming both, and registers nothing.
+    let mut renamed = cluster.extra_node("renamed");
+    renamed.start(&["--join", &cluster.addr(2), "--cluster-id", "other"]);
+    assert!(!renamed.wait_exit(Duration::from_secs(30)).await.success());
+    let log = renamed.log_text();
+    assert!(
+        log.contains("cluster mismatch") && log.contains("\"other\"") && log.contains("\"kvnode\""),
+        "{log}"
+    );
+    let map = client.cluster_map_at(1).await.unwrap();
+    assert!(map.nodes.values().all(|n| n.addr != renamed.addr()));
+    assert_eq!(map.next_id, 5);
 
     // A directory of another cluster is refused, naming both clusters.
     let mut stranger = cluster.extra_node("stranger");
