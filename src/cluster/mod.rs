@@ -4,7 +4,7 @@
 //! on and changed) lives here too: [`membership`] is the cluster map and the pure state machine
 //! that changes it (docs/design/membership.md §1.1), [`map_view`] is the newest map a node
 //! knows, [`seed`] derives the first map from a node's flags (§5), [`join`] decides what a join
-//! gets (§3.2), and [`activation`] when a joined node becomes Active.
+//! gets (§3.2), and `activation` when a joined node becomes Active.
 
 // `map_view`, `seed` and `join` are public for `kvnode-cli` and the tests, but hidden from the docs:
 // they change with every membership milestone of issue 17. `membership` is documented: its map

@@ -9,11 +9,13 @@
 //!
 //! `Join` and `AddNode` are decided on META's leader only (its applied map is the one the
 //! idempotence-by-address rule must see), so any other node forwards them: to the leader its
-//! META replica knows, else to each of META's voters in the map, at most [`MAX_HOPS`] hops
-//! (counted in [`HOPS`]), each bounded by the node's request timeout. A refusal is passed back
-//! unchanged; a transport failure tries the next voter.
+//! META replica knows, else to each of META's voters in the map, at most `MAX_HOPS` hops
+//! (counted in `HOPS`), each bounded by the node's request timeout and all of them by the
+//! client's deadline (`grpc-timeout`). A refusal is passed back unchanged; a transport
+//! failure tries the next voter.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
 
@@ -27,7 +29,7 @@ use crate::pb::admin::{
     ListNodesRequest, NodeReply,
 };
 use crate::pb::cluster_map::{node_summaries, to_wire};
-use crate::pb::status::{ERROR_KIND, to_status};
+use crate::pb::status::{ERROR_KIND, parse_grpc_timeout, to_status};
 
 /// Request metadata: how many nodes have forwarded this `Join` already.
 pub(crate) const HOPS: &str = "x-kvnode-join-hops";
@@ -68,7 +70,9 @@ impl AdminService {
         &self,
         request: JoinRequest,
         hops: u32,
+        client_timeout: Option<Duration>,
     ) -> Result<JoinReply, Status> {
+        let started = Instant::now();
         let map = self.map()?;
         if !request.cluster_name.is_empty() && request.cluster_name != map.name {
             return Err(status(&Error::WrongCluster {
@@ -104,9 +108,17 @@ impl AdminService {
         let mut seen = std::collections::BTreeSet::from([me]);
         targets.retain(|t| seen.insert(*t));
         let peers = self.node.peers();
-        let timeout = self.node.config().request_timeout();
+        let node_timeout = self.node.config().request_timeout();
         let mut last = None;
         for target in targets {
+            // Each hop gets the node's request timeout, capped by what is left of the client's.
+            let timeout = match client_timeout {
+                Some(t) => node_timeout.min(t.saturating_sub(started.elapsed())),
+                None => node_timeout,
+            };
+            if timeout.is_zero() {
+                break;
+            }
             let Some(channel) = peers.and_then(|p| p.forward_channel(target)) else {
                 continue;
             };
@@ -152,6 +164,12 @@ fn hops_of<T>(request: &Request<T>) -> u32 {
         .unwrap_or(0)
 }
 
+/// The client's deadline (`grpc-timeout`), if it sent one.
+fn timeout_of<T>(request: &Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(value)
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn get_cluster_map(
@@ -179,9 +197,9 @@ impl Admin for AdminService {
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
-        let hops = hops_of(&request);
+        let (hops, timeout) = (hops_of(&request), timeout_of(&request));
         let reply = self
-            .join_here_or_forward(request.into_inner(), hops)
+            .join_here_or_forward(request.into_inner(), hops, timeout)
             .await?;
         Ok(Response::new(reply))
     }
@@ -190,12 +208,12 @@ impl Admin for AdminService {
         &self,
         request: Request<AddNodeRequest>,
     ) -> Result<Response<NodeReply>, Status> {
-        let hops = hops_of(&request);
+        let (hops, timeout) = (hops_of(&request), timeout_of(&request));
         let join = JoinRequest {
             addr: request.into_inner().addr,
             cluster_name: String::new(),
         };
-        let reply = self.join_here_or_forward(join, hops).await?;
+        let reply = self.join_here_or_forward(join, hops, timeout).await?;
         Ok(Response::new(NodeReply {
             node_id: reply.node_id,
             epoch: reply.map.map_or(0, |m| m.epoch),
