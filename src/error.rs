@@ -94,6 +94,23 @@ pub enum Error {
         reason: String,
     },
 
+    /// A membership change names something that exists already: an address held by a node
+    /// that is past `Joining`. Nothing was changed (definite).
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+
+    /// A request meant for cluster `requested` reached a node of cluster `cluster` (a join
+    /// with another `--cluster-id`). Nothing was changed (definite).
+    #[error(
+        "cluster mismatch: this node belongs to cluster {cluster:?}, the request is for cluster {requested:?}"
+    )]
+    WrongCluster {
+        /// The answering node's cluster.
+        cluster: String,
+        /// The cluster the request named.
+        requested: String,
+    },
+
     /// The node is shutting down or closed.
     #[error("node is shut down")]
     Shutdown,

@@ -43,8 +43,14 @@
 //! ([`Node::cluster_map`], `cluster::MapView`), cached in `<data-dir>/CLUSTER` so a restart
 //! knows it before META answers; a node that sees a higher `map_epoch` in a peer's ping reply
 //! fetches that peer's map (`FetchMap`), which is how nodes that do not host META follow it.
-//! Milestone M2 of the design; the map does not drive placement yet (`Node::replicas` is still
-//! computed from the flags).
+//! Once a node knows a map (from `CLUSTER`, at later starts), the map drives it: its peers are
+//! the map's live nodes (updated on every newer map, so an added node is admitted), and
+//! `Node::replicas` and its local replicas are the map's voters; a first start derives both
+//! from the flags, which the seed reproduces. `kvnode --join ADDR` asks any node for
+//! `Admin.Join`, which META's leader decides (idempotent by address: `kvctl node add ADDR`
+//! pre-registers); the node writes `CLUSTER` and `IDENTITY` and serves, and the META leader
+//! activates it after two answered pings. A joined node holds no replica until the rebalancer
+//! (milestone M4) moves some to it; it forwards every request.
 //!
 //! Modules import downward only: [`storage`] knows nothing of Raft (it stores opaque bytes);
 //! [`raft`] adapts openraft to storage and is the only module that names openraft storage

@@ -7,6 +7,9 @@
 //! is known before META answers, fed by META's state machine, and written back to the cache
 //! (and the cluster uuid to `IDENTITY`) whenever it moves to a newer epoch, and fed by peers:
 //! a ping reply with a higher `map_epoch` makes the node fetch that peer's map (`follow_map`).
+//! A known map drives the node: its live nodes are the peers (`admit_map_nodes`, on every
+//! newer map) and, when known at open, its voters are the placement. On META's leader it also
+//! activates Joining nodes (`activate_joining`) and decides joins ([`Node::register_node`]).
 //! META is not in the key router: no key routes to it; peers reach it through
 //! [`Node::local_shard`].
 //!
@@ -33,8 +36,9 @@ use futures::future::join_all;
 use openraft::async_runtime::watch::WatchReceiver;
 use tokio::task::JoinHandle;
 
-use crate::cluster::membership::{Applied, ClusterMap, META, MetaChange, MetaRejected};
-use crate::cluster::{self, MapView, seed};
+use crate::cluster::activation::Activation;
+use crate::cluster::membership::{Applied, ClusterMap, META, MetaChange, MetaRejected, NodeState};
+use crate::cluster::{self, MapView, join, seed};
 use crate::config::Config;
 use crate::consistency::{ReadOptions, WriteReceipt};
 use crate::error::{Error, Result};
@@ -43,7 +47,7 @@ use crate::leadership::LeadershipChecks;
 use crate::peers::Peers;
 use crate::raft::commit_horizon::CommitHorizon;
 use crate::raft::network::{NoPeers, ShardNetwork};
-use crate::raft::{Command, CommandResult};
+use crate::raft::{Command, CommandResult, ShardRaft};
 use crate::reply::{CasReply, DeleteReply, GetReply};
 use crate::router::Router;
 use crate::shard::{Shard, ShardView};
@@ -86,6 +90,11 @@ impl Node {
     /// placement picks; the first of them initializes the group, exactly once; `open` returns
     /// at once and the shards serve as soon as a majority of each group is up.
     ///
+    /// A cluster map cached in the directory (`CLUSTER`) overrides the flags: the peers are its
+    /// live nodes (a `--peers` that differs is logged and ignored) and each shard's replicas
+    /// its voters, so a node that joined (no `--peers`) is clustered, and one the map gives no
+    /// replica hosts none and forwards every request.
+    ///
     /// Refuses a data directory created for another cluster, node id or shard count.
     pub async fn open(config: Config) -> Result<Node> {
         config.validate()?;
@@ -102,13 +111,25 @@ impl Node {
         let identity = check_identity(&store, &config)?;
         let map_view = Arc::new(MapView::default());
         let cached = load_cached_map(store.dir(), identity.uuid, &map_view);
+        // A known map is the source of the node set and of placement (§1.4, §5); a first
+        // start (no map yet) derives both from the flags, which the seed reproduces exactly.
+        let known = map_view
+            .current()
+            .filter(|map| clustered_map(map, config.node_id));
+        let config = match &known {
+            Some(map) => adopt_map_peers(config, map),
+            None => config,
+        };
         let ring = HashRing::with_shards(config.shards)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let nodes = config.node_ids();
         let mut placement = BTreeMap::new();
         for shard in ring.shards() {
-            let replicas = cluster::replicas(shard, &nodes, config.replication_factor)
-                .map_err(|e| Error::InvalidArgument(format!("placement: {e}")))?;
+            let replicas = match &known {
+                Some(map) => map_replicas(map, shard),
+                None => cluster::replicas(shard, &nodes, config.replication_factor)
+                    .map_err(|e| Error::InvalidArgument(format!("placement: {e}")))?,
+            };
             placement.insert(shard, replicas);
         }
         let local: Vec<ShardId> = placement
@@ -126,8 +147,11 @@ impl Node {
             peers.clone(),
             Duration::from_millis(config.election_timeout_min_ms).min(config.request_timeout()),
         );
-        let meta_voters = seed::meta_voters(&config)
-            .map_err(|e| Error::InvalidArgument(format!("placement of META: {e}")))?;
+        let meta_voters = match &known {
+            Some(map) => map_replicas(map, META),
+            None => seed::meta_voters(&config)
+                .map_err(|e| Error::InvalidArgument(format!("placement of META: {e}")))?,
+        };
         let hosts_meta = meta_voters.contains(&config.node_id);
         let opened = join_all(local.iter().map(|&id| {
             open_shard(
@@ -199,6 +223,19 @@ impl Node {
             let retry = Duration::from_millis(config.heartbeat_interval_ms);
             let follower = follow_map(Arc::clone(peers), Arc::clone(&map_view), retry);
             tasks.push(tokio::spawn(follower));
+            tasks.push(tokio::spawn(admit_map_nodes(
+                Arc::clone(peers),
+                map_view.subscribe(),
+            )));
+            if let Some(meta) = &meta {
+                tasks.push(tokio::spawn(activate_joining(
+                    meta.raft().clone(),
+                    Arc::clone(peers),
+                    Arc::clone(&map_view),
+                    boot_id,
+                    retry,
+                )));
+            }
         }
         let node = Node {
             router: Router::new(ring, shards),
@@ -297,6 +334,96 @@ impl Node {
                 reason: format!("the META state machine answered {other:?} to a map change"),
             }),
         }
+    }
+
+    #[doc(hidden)]
+    /// The node that leads META as this node's META replica knows it (`None` if this node
+    /// hosts no META replica or knows no leader).
+    pub fn meta_leader(&self) -> Option<u64> {
+        self.meta.as_ref().and_then(|m| m.view().leader)
+    }
+
+    #[doc(hidden)]
+    /// Registers the node at `addr` (§3.2 step 2), on the node that leads META: idempotent by
+    /// address ([`join::decide`]): a Joining node's address answers that node; a free one
+    /// commits `AddNode`. Returns the id and a map that lists it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyExists`] if a node past Joining has `addr`, [`Error::InvalidArgument`]
+    /// if it is not `host:port` (both definite); [`Error::NotLeader`] on a node whose META
+    /// replica does not lead; the errors of [`Node::propose_meta`].
+    pub async fn register_node(&self, addr: &str) -> Result<(u64, Arc<ClusterMap>)> {
+        let valid = addr.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !valid {
+            return Err(Error::InvalidArgument(format!(
+                "the node address {addr:?} is not host:port"
+            )));
+        }
+        let unknown = || Error::Unavailable {
+            shard: META,
+            reason: "this node does not know the cluster map yet".into(),
+        };
+        // A concurrent registration of the same address makes `AddNode` refuse it: decide
+        // again on the map that includes it (it is applied by the time the refusal is).
+        for _ in 0..3 {
+            let map = self.cluster_map().ok_or_else(unknown)?;
+            match join::decide(&map, addr) {
+                join::Decision::Existing(id) => return Ok((id, map)),
+                join::Decision::Taken { id, state } => {
+                    return Err(Error::AlreadyExists(format!(
+                        "address {addr:?} belongs to node {id}, which is {state}"
+                    )));
+                }
+                join::Decision::Add => {}
+            }
+            let change = MetaChange::AddNode {
+                addr: addr.to_string(),
+            };
+            match self.propose_meta(change).await? {
+                Ok(Applied::NodeAdded { id }) => {
+                    let map = self.map_listing(id).await.ok_or_else(unknown)?;
+                    tracing::info!(node = id, addr, epoch = map.epoch, "registered a node");
+                    return Ok((id, map));
+                }
+                Ok(other) => {
+                    return Err(Error::ShardStopped {
+                        shard: META,
+                        reason: format!("the META state machine answered {other:?} to AddNode"),
+                    });
+                }
+                Err(MetaRejected::AddrInUse { .. }) => continue,
+                Err(MetaRejected::NotSeeded { .. }) => return Err(unknown()),
+                Err(e) => return Err(Error::InvalidArgument(e.to_string())),
+            }
+        }
+        Err(Error::Unavailable {
+            shard: META,
+            reason: format!("registering {addr:?} raced with other changes three times"),
+        })
+    }
+
+    /// The map once it lists node `id` (META's state machine offers it when it applies the
+    /// change, so at once on this node; bounded by the request timeout).
+    async fn map_listing(&self, id: u64) -> Option<Arc<ClusterMap>> {
+        let mut maps = self.map_view.subscribe();
+        let wait = async {
+            loop {
+                if let Some(map) = maps.borrow_and_update().clone()
+                    && map.nodes.contains_key(&id)
+                {
+                    return map;
+                }
+                if maps.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(self.config.request_timeout(), wait)
+            .await
+            .ok()
     }
 
     /// Seeds the META group (§5): embedded, at once (so `open` returns with the map known);
@@ -545,6 +672,127 @@ impl Node {
             )));
         }
         Ok(())
+    }
+}
+
+/// True if `map` describes a cluster this node is part of with at least one other live node
+/// (an embedded node's own map, with only itself, leaves the flags in charge).
+fn clustered_map(map: &ClusterMap, me: u64) -> bool {
+    let live = |n: &cluster::membership::NodeEntry| n.state != NodeState::Removed;
+    map.nodes.get(&me).is_some_and(live) && map.nodes.iter().any(|(id, n)| *id != me && live(n))
+}
+
+/// The map's live nodes (every node not `Removed`): the node set the peers follow.
+pub(crate) fn live_nodes(map: &ClusterMap) -> BTreeMap<u64, String> {
+    map.nodes
+        .iter()
+        .filter(|(_, n)| n.state != NodeState::Removed)
+        .map(|(id, n)| (*id, n.addr.clone()))
+        .collect()
+}
+
+/// `config` with the map's live nodes as its peers. Design §5 refuses a `--peers` that differs
+/// from the map at a later start; this slice warns and uses the map instead, since the restart
+/// tests of a grown cluster restart its first nodes with their original `--peers`.
+fn adopt_map_peers(mut config: Config, map: &ClusterMap) -> Config {
+    let live = live_nodes(map);
+    if !config.peers.is_empty() && config.peers != live {
+        tracing::warn!(
+            flags = ?config.peers,
+            map = ?live,
+            epoch = map.epoch,
+            "--peers differs from the cluster map's live nodes; using the map"
+        );
+    }
+    config.peers = live;
+    config
+}
+
+/// The nodes of `shard`'s voters in `map`, preferred leader first (placement's rendezvous
+/// order over exactly those nodes, which keeps today's order for a seeded map); empty if the
+/// map does not list the shard.
+fn map_replicas(map: &ClusterMap, shard: ShardId) -> Vec<u64> {
+    let Some(entry) = map.shards.get(&shard) else {
+        return Vec::new();
+    };
+    let nodes: Vec<u64> = entry.voters.iter().map(|r| r.node).collect();
+    cluster::replicas(shard, &nodes, nodes.len()).unwrap_or(nodes)
+}
+
+/// Keeps the peer set equal to every newer map's live nodes, so that a node added to the map
+/// is admitted and reachable (and a Removed one is neither). Runs until aborted.
+async fn admit_map_nodes(
+    peers: Arc<Peers>,
+    mut maps: tokio::sync::watch::Receiver<Option<Arc<ClusterMap>>>,
+) {
+    maps.mark_changed();
+    while maps.changed().await.is_ok() {
+        let Some(map) = maps.borrow_and_update().clone() else {
+            continue;
+        };
+        if !map.nodes.contains_key(&peers.self_id()) {
+            continue;
+        }
+        let nodes: Vec<(u64, String)> = live_nodes(&map).into_iter().collect();
+        if peers.node_ids() == nodes.iter().map(|(id, _)| *id).collect::<Vec<_>>()
+            && nodes
+                .iter()
+                .all(|(id, a)| peers.addr(*id).as_deref() == Some(a))
+        {
+            continue;
+        }
+        match peers.update(&nodes) {
+            Ok(()) => {
+                tracing::info!(epoch = map.epoch, nodes = ?nodes, "peers follow the cluster map")
+            }
+            Err(e) => {
+                tracing::warn!(epoch = map.epoch, error = %e, "the cluster map's nodes were not admitted")
+            }
+        }
+    }
+}
+
+/// Joining → Active (§3.2 step 4, [`Activation`]): while this node leads META, pings every
+/// Joining node of the map once per `interval` and proposes `ActivateNode` for each that
+/// answered [`crate::cluster::activation::PINGS_TO_ACTIVATE`] pings in a row. A refused proposal (the node was
+/// activated or removed meanwhile) is only logged; the next map decides again. Runs until
+/// aborted.
+async fn activate_joining(
+    raft: ShardRaft,
+    peers: Arc<Peers>,
+    view: Arc<MapView>,
+    boot_id: u64,
+    interval: Duration,
+) {
+    let mut tracker = Activation::default();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let leads = raft.metrics().borrow_watched().state == openraft::ServerState::Leader;
+        let Some(map) = view.current().filter(|_| leads) else {
+            continue;
+        };
+        for id in tracker.joining(&map) {
+            let answered = peers.ping(id, boot_id, interval).await.is_ok();
+            if !tracker.record(id, answered) {
+                continue;
+            }
+            let proposed = raft.client_write(Command::Meta(MetaChange::ActivateNode { id }));
+            match tokio::time::timeout(peers.rpc_timeout(), proposed).await {
+                Ok(Ok(reply)) => match reply.data {
+                    CommandResult::Meta(Ok(_)) => tracing::info!(node = id, "node is Active"),
+                    CommandResult::Meta(Err(e)) => {
+                        tracing::info!(node = id, error = %e, "activation refused")
+                    }
+                    other => tracing::warn!(?other, "unexpected answer to ActivateNode"),
+                },
+                Ok(Err(e)) => {
+                    tracing::info!(node = id, error = %e, "activation failed; will retry")
+                }
+                Err(_) => tracing::info!(node = id, "activation timed out; will retry"),
+            }
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! The client's admin calls (`proto/admin.proto`): the cluster map and the node list.
+//! The client's admin calls (`proto/admin.proto`): the cluster map, the node list, and
+//! registering a node (`add_node`, and `join` for `kvnode --join`).
 //!
 //! A map is only as new as the node that answered. [`Client::cluster_map`] asks every node the
 //! client knows at once and keeps the highest epoch, so an operator never sees an older map
@@ -15,7 +16,7 @@ use super::{Client, dedup, millis};
 use crate::cluster::membership::{ClusterMap, NodeId, NodeState};
 use crate::error::{Error, Result};
 use crate::pb::admin::admin_client::AdminClient;
-use crate::pb::admin::{self, GetClusterMapRequest, ListNodesRequest};
+use crate::pb::admin::{self, AddNodeRequest, GetClusterMapRequest, JoinRequest, ListNodesRequest};
 use crate::pb::cluster_map::{from_wire, state_from_wire};
 use crate::pb::status::from_status;
 
@@ -36,6 +37,15 @@ pub struct NodeSummary {
     pub replicas: u32,
     /// Replicas a move in progress is adding on it.
     pub incoming: u32,
+}
+
+/// What a join answered: the node's id and the map that lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// The joining node's id.
+    pub id: NodeId,
+    /// A map in which it is registered (its cluster name and uuid are the cluster's).
+    pub map: ClusterMap,
 }
 
 /// The node list of one map: the reply to `ListNodes`.
@@ -123,6 +133,79 @@ impl Client {
         Err(last.unwrap_or_else(no_node))
     }
 
+    /// Registers a node at `addr` ahead of its start (`kvctl node add ADDR`); the node later
+    /// started with `kvnode --join` at `addr` gets this id. Idempotent: an address a Joining
+    /// node has answers that node's id.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyExists`] if a node past Joining has `addr` and
+    /// [`Error::InvalidArgument`] if it is not `host:port` (both definite); otherwise the last
+    /// node's error (`Unavailable` when no node could register it).
+    pub async fn add_node(&self, addr: &str) -> Result<NodeId> {
+        let reply = self
+            .each_candidate("add node", |mut c, timeout| {
+                let mut request = Request::new(AddNodeRequest {
+                    addr: addr.to_string(),
+                });
+                request.set_timeout(timeout);
+                async move { c.add_node(request).await }
+            })
+            .await?;
+        Ok(reply.node_id)
+    }
+
+    /// Joins the node at `addr` to the cluster named `cluster_name` (empty: whichever cluster
+    /// the client reaches): what `kvnode --join` calls. Idempotent like [`Client::add_node`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::add_node`], and [`Error::WrongCluster`] if the cluster has another name.
+    pub async fn join(&self, addr: &str, cluster_name: &str) -> Result<Joined> {
+        let reply = self
+            .each_candidate("join", |mut c, timeout| {
+                let mut request = Request::new(JoinRequest {
+                    addr: addr.to_string(),
+                    cluster_name: cluster_name.to_string(),
+                });
+                request.set_timeout(timeout);
+                async move { c.join(request).await }
+            })
+            .await?;
+        let map = reply.map.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("the Join reply carries no cluster map".into())
+        })?;
+        Ok(Joined {
+            id: reply.node_id,
+            map: from_wire(map)?,
+        })
+    }
+
+    /// Calls `rpc` on each candidate in turn until one answers or refuses definitely.
+    async fn each_candidate<Resp, F, Fut>(&self, operation: &'static str, rpc: F) -> Result<Resp>
+    where
+        F: Fn(AdminClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let timeout = self.inner.options.request_timeout;
+        let mut last = None;
+        for addr in self.candidates() {
+            let answer = self
+                .admin_call(&addr, timeout, operation, (), |c, ()| rpc(c, timeout))
+                .await;
+            match answer {
+                Ok(reply) => return Ok(reply),
+                Err(
+                    e @ (Error::AlreadyExists(_)
+                    | Error::WrongCluster { .. }
+                    | Error::InvalidArgument(_)),
+                ) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(no_node))
+    }
+
     /// Known nodes' addresses, then the seeds, without repeats.
     pub(super) fn candidates(&self) -> Vec<String> {
         let mut candidates: Vec<String> = self.inner.read_map().nodes.values().cloned().collect();
@@ -163,11 +246,11 @@ impl Client {
         addr: &str,
         timeout: Duration,
         operation: &'static str,
-        request: Request<Req>,
+        request: Req,
         rpc: F,
     ) -> Result<Resp>
     where
-        F: FnOnce(AdminClient<Channel>, Request<Req>) -> Fut,
+        F: FnOnce(AdminClient<Channel>, Req) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let client = AdminClient::new(self.inner.channels.get(addr)?);

@@ -52,7 +52,7 @@ use crate::pb::{convert, kv};
 use crate::reply::{CasReply, DeleteReply, GetReply};
 use crate::sharding::{HashRing, ShardId};
 
-pub use admin::{NodeList, NodeSummary};
+pub use admin::{Joined, NodeList, NodeSummary};
 pub use retry::{Decision, Next, Operation, RetryPolicy};
 
 /// How a [`Client`] talks to the cluster.

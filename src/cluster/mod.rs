@@ -3,11 +3,15 @@
 //! function of the shard id and the node list. Cluster membership (how the node list is agreed
 //! on and changed) lives here too: [`membership`] is the cluster map and the pure state machine
 //! that changes it (docs/design/membership.md §1.1), [`map_view`] is the newest map a node
-//! knows, and [`seed`] derives the first map from a node's flags (§5).
+//! knows, [`seed`] derives the first map from a node's flags (§5), [`join`] decides what a join
+//! gets (§3.2), and `activation` when a joined node becomes Active.
 
-// `map_view` and `seed` are public for `kvnode-cli` and the tests, but hidden from the docs:
+// `map_view`, `seed` and `join` are public for `kvnode-cli` and the tests, but hidden from the docs:
 // they change with every membership milestone of issue 17. `membership` is documented: its map
 // is what `Client::cluster_map` returns.
+pub(crate) mod activation;
+#[doc(hidden)]
+pub mod join;
 #[doc(hidden)]
 pub mod map_view;
 pub mod membership;

@@ -9,7 +9,8 @@
 //! | `Timeout` | `DEADLINE_EXCEEDED` | indeterminate for writes |
 //! | `LeaderChanged` | `ABORTED` | indeterminate |
 //! | `Storage`, `ShardStopped` | `INTERNAL` | indeterminate |
-//! | `Config`, `IdentityMismatch` | `FAILED_PRECONDITION` | definite |
+//! | `Config`, `IdentityMismatch`, `WrongCluster` | `FAILED_PRECONDITION` | definite |
+//! | `AlreadyExists` | `ALREADY_EXISTS` | definite |
 //!
 //! Every status carries `x-kvnode-outcome: definite|indeterminate` and `x-kvnode-error` (the
 //! variant name), so any gRPC client can tell whether a failed write may still commit.
@@ -47,6 +48,10 @@ pub const LEADER: &str = "x-kvnode-leader";
 pub const LEADER_ADDR: &str = "x-kvnode-leader-addr";
 /// Metadata key: the shard concerned, when there is one.
 pub const SHARD: &str = "x-kvnode-shard";
+/// Metadata key: the answering node's cluster, on `WrongCluster`.
+pub const CLUSTER: &str = "x-kvnode-cluster";
+/// Metadata key: the cluster the request named, on `WrongCluster`.
+pub const REQUESTED_CLUSTER: &str = "x-kvnode-requested-cluster";
 /// Request metadata set by a node forwarding a client request, so it is not forwarded again.
 pub const FORWARDED: &str = "x-kvnode-forwarded";
 
@@ -86,6 +91,8 @@ pub fn to_status(error: &Error, leader_addr: impl Fn(u64) -> Option<String>) -> 
         Error::Storage(_) => (Code::Internal, "Storage"),
         Error::ShardStopped { .. } => (Code::Internal, "ShardStopped"),
         Error::Shutdown => (Code::Unavailable, "Shutdown"),
+        Error::AlreadyExists(_) => (Code::AlreadyExists, "AlreadyExists"),
+        Error::WrongCluster { .. } => (Code::FailedPrecondition, "WrongCluster"),
     };
     let mut status = Status::new(code, error.to_string());
     let md = status.metadata_mut();
@@ -96,6 +103,13 @@ pub fn to_status(error: &Error, leader_addr: impl Fn(u64) -> Option<String>) -> 
     };
     md.insert(OUTCOME, MetadataValue::from_static(outcome));
     md.insert(ERROR_KIND, MetadataValue::from_static(kind));
+    if let Error::WrongCluster { cluster, requested } = error {
+        for (key, value) in [(CLUSTER, cluster), (REQUESTED_CLUSTER, requested)] {
+            if let Ok(v) = value.parse() {
+                md.insert(key, v);
+            }
+        }
+    }
     if let Some(shard) = shard_of(error) {
         md.insert(SHARD, MetadataValue::from(shard));
     }
@@ -156,6 +170,18 @@ pub fn from_status(status: &Status, write: bool) -> Error {
             reason: message,
         },
         "Shutdown" => Error::Shutdown,
+        "AlreadyExists" => Error::AlreadyExists(message),
+        // The names are in the message; the variant keeps it whole.
+        "WrongCluster" => {
+            let text = |key| {
+                let value = status.metadata().get(key)?.to_str().ok()?;
+                Some(value.to_string())
+            };
+            Error::WrongCluster {
+                cluster: text(CLUSTER).unwrap_or_default(),
+                requested: text(REQUESTED_CLUSTER).unwrap_or_default(),
+            }
+        }
         "Timeout" => Error::Timeout {
             shard,
             operation: "request",
@@ -323,6 +349,11 @@ mod tests {
                 shard: 6,
                 leader_hint: None,
             },
+            Error::AlreadyExists("address a:1 belongs to node 2".into()),
+            Error::WrongCluster {
+                cluster: "kvnode".into(),
+                requested: "other".into(),
+            },
         ];
         for e in cases {
             let status = to_status(&e, |id| Some(format!("10.0.0.{id}:7000")));
@@ -344,6 +375,15 @@ mod tests {
             |_| Some("127.0.0.1:7002".into()),
         );
         assert_eq!(leader_addr(&nl).as_deref(), Some("127.0.0.1:7002"));
+        let wrong = Error::WrongCluster {
+            cluster: "kvnode".into(),
+            requested: "other".into(),
+        };
+        let status = to_status(&wrong, |_| None);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(from_status(&status, true).to_string(), wrong.to_string());
+        let exists = to_status(&Error::AlreadyExists("x".into()), |_| None);
+        assert_eq!(exists.code(), Code::AlreadyExists);
     }
 
     #[test]

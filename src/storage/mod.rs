@@ -205,6 +205,22 @@ fn check_or_create_format(dir: &Path) -> Result<()> {
     durable_file::write_atomically(dir, FORMAT_FILE, marker().as_bytes())
 }
 
+/// Prepares the data directory of a node that joined a cluster (docs/design/membership.md §3.2
+/// step 3): the format marker (the directory must be empty or hold only what an interrupted
+/// earlier call left), then `CLUSTER` = `map` (the serde bytes of the map the join answered),
+/// then `IDENTITY`, each durable before the next. `IDENTITY` comes last because it is what
+/// makes a later start a restart: a directory without it joins again, and a join is
+/// idempotent by address, so it gets the same id.
+///
+/// # Errors
+///
+/// [`Error::NotADataDir`] if `dir` holds foreign files; I/O errors.
+pub fn init_joined(dir: &Path, identity: &Identity, map: &[u8]) -> Result<()> {
+    check_or_create_format(dir)?;
+    cluster_cache::write(dir, map)?;
+    identity::write(dir, identity)
+}
+
 /// The format version a FORMAT marker names, if this build opens it.
 fn parse_format(path: &Path, text: &str) -> Result<u32> {
     let mut lines = text.lines();

@@ -80,6 +80,8 @@ pub struct ProcessCluster {
     shards: u32,
     /// Every node's port, held while the cluster lives (restarts bind it again).
     _ports: Vec<PortReservation>,
+    /// The settings every node shares (for a node started later with `--join`).
+    spec: ClusterSpec,
     dir: tempfile::TempDir,
 }
 
@@ -128,7 +130,8 @@ impl ProcessCluster {
             source: std::io::Error::other(e.to_string()),
         })?;
         Ok(ProcessCluster {
-            processes: Processes::start(spec, nodes)?,
+            processes: Processes::start(spec.clone(), nodes)?,
+            spec,
             ring,
             shards: options.shards,
             _ports: ports,
@@ -566,6 +569,122 @@ impl ProcessCluster {
             .map(|id| self.log_tail(id))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+impl ProcessCluster {
+    /// A node that is not (yet) part of the cluster, named `name`, with its own port, data
+    /// directory and log in the run's directory, and the cluster's shared flags. Nothing
+    /// runs until [`ExtraNode::start`].
+    pub fn extra_node(&self, name: &str) -> ExtraNode {
+        let port = PortReservation::new().expect("reserve a port");
+        ExtraNode {
+            spec: self.spec.clone(),
+            listen: port.addr(),
+            _port: port,
+            data_dir: self.dir().join(name),
+            log: self.dir().join(format!("{name}.log")),
+            child: None,
+        }
+    }
+}
+
+/// A `kvnode` process started beside a [`ProcessCluster`] with flags of the test's choosing
+/// (e.g. `--join`): its port is held while it lives, its output goes to its log file
+/// (appended across starts), and dropping it kills the process.
+pub struct ExtraNode {
+    spec: ClusterSpec,
+    listen: SocketAddr,
+    _port: PortReservation,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl ExtraNode {
+    /// Its client and peer address.
+    pub fn addr(&self) -> String {
+        self.listen.to_string()
+    }
+
+    /// Starts `kvnode --listen ADDR --data-dir DIR` with the cluster's timing flags and
+    /// `extra` (e.g. `["--join", addr]`).
+    pub fn start(&mut self, extra: &[&str]) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open the log");
+        let log_err = log.try_clone().expect("clone the log");
+        let (emin, emax) = self.spec.election_timeout_ms;
+        let child = tokio::process::Command::new(&self.spec.binary)
+            .args(["--listen", &self.addr()])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--heartbeat-ms", &self.spec.heartbeat_ms.to_string()])
+            .args(["--election-timeout-ms", &format!("{emin}..{emax}")])
+            .args([
+                "--hibernate-after-ms",
+                &self.spec.hibernate_after_ms.to_string(),
+            ])
+            .args([
+                "--request-timeout-ms",
+                &self.spec.request_timeout_ms.to_string(),
+            ])
+            .args(extra)
+            .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn kvnode");
+        self.child = Some(child);
+    }
+
+    /// Waits until the process exits on its own (within `timeout`) and returns its status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let status = tokio::time::timeout(timeout, child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("kvnode still runs after {timeout:?}:\n{}", self.log_text()))
+            .expect("wait for kvnode");
+        self.child = None;
+        status
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// SIGTERM, and waits (20 s, then SIGKILL) for the process to exit.
+    pub async fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Some(raw) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+            // SAFETY: `kill(2)` takes no pointers; the pid is our own child, not yet reaped
+            // (`wait` has not returned), so the signal cannot reach another process.
+            unsafe {
+                libc::kill(raw, libc::SIGTERM);
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                let _ = child.kill().await;
+                None
+            }
+        }
+    }
+
+    /// Everything the process logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 

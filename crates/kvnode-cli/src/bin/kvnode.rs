@@ -1,5 +1,6 @@
 //! `kvnode`: runs one node. With no flags, a single node on 127.0.0.1:7001 keeping its data in
-//! `data/kvnode`; with `--peers`, one member of a cluster. SIGTERM or Ctrl-C shut it down
+//! `data/kvnode`; with `--peers`, one member of a cluster; with `--join ADDR`, a new member of
+//! the cluster ADDR belongs to (it gets its id and the cluster map from the cluster). SIGTERM or Ctrl-C shut it down
 //! cleanly (stop accepting, finish in-flight requests, stop the shards, flush, exit 0).
 
 use std::collections::BTreeMap;
@@ -8,8 +9,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
+
 use anyhow::Context;
 use clap::Parser;
+use kvnode::client::Client;
+use kvnode::cluster::join::check_rejoin;
+use kvnode::storage::codec::encode_serde;
+use kvnode::storage::{Identity, cluster_cache};
 use kvnode::{Config, Node};
 
 /// mimalloc instead of glibc's malloc: a put crosses several threads and allocates on each,
@@ -29,8 +36,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 )]
 struct Args {
     /// This node's id (unique in the cluster; never reuse the id of a node that lost its data).
-    #[arg(long, default_value_t = 1)]
-    id: u64,
+    /// Default: the id the data directory was created for, else 1.
+    #[arg(long)]
+    id: Option<u64>,
+    /// Join the cluster of the node at ADDR (host:port): with an empty data directory, the
+    /// cluster gives this node a fresh id and the cluster map; with one that already belongs
+    /// to that cluster, restart as its node (the flag is then ignored). The node registers
+    /// the address it listens on (--listen). Not with --id or --peers.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["id", "peers"])]
+    join: Option<String>,
     /// Address to listen on for clients and peers. Default: this node's entry in --peers, or
     /// 127.0.0.1:7001. Port 0: the OS picks a free port, which the "kvnode serving" log line
     /// reports (`listen=`).
@@ -112,11 +126,12 @@ fn parse_range(s: &str) -> Result<(u64, u64), String> {
 fn config(args: &Args) -> Config {
     let defaults = Config::default();
     let peers = args.peers.clone().unwrap_or_default();
+    let id = args.id.unwrap_or(1);
     let data_dir = args.data_dir.clone().unwrap_or_else(|| {
         if peers.is_empty() {
             PathBuf::from("data/kvnode")
         } else {
-            PathBuf::from(format!("data/node-{}", args.id))
+            PathBuf::from(format!("data/node-{id}"))
         }
     });
     let (emin, emax) = args.election_timeout_ms.unwrap_or((
@@ -125,7 +140,7 @@ fn config(args: &Args) -> Config {
     ));
     Config {
         data_dir,
-        node_id: args.id,
+        node_id: id,
         cluster_id: args.cluster_id.clone(),
         peers,
         peer_source_ip: args.peer_source_ip,
@@ -157,8 +172,85 @@ async fn shutdown_signal() {
     }
 }
 
+/// How long `--join` keeps trying to reach the cluster before it gives up.
+const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+
+/// `--join ADDR` (docs/design/membership.md §3.2): returns `config` as the node the cluster
+/// knows. An empty data directory joins (a fresh id, or the one `kvctl node add` registered
+/// for `me`) and is prepared with the cluster's map and the node's identity; a directory with
+/// an identity restarts as that node if it belongs to ADDR's cluster and is not Removed.
+async fn join_cluster(mut config: Config, join: &str, me: &str) -> anyhow::Result<Config> {
+    let dir = config.data_dir.clone();
+    let deadline = Instant::now() + JOIN_DEADLINE;
+    let found = kvnode::storage::identity::read(&dir)
+        .with_context(|| format!("cannot read the identity of {}", dir.display()))?;
+    let client = retry(deadline, join, || Client::connect([join.to_string()])).await?;
+    let map = match found {
+        Some(identity) => {
+            let map = retry(deadline, join, || client.cluster_map()).await?;
+            check_rejoin(&identity.cluster_id, identity.uuid, identity.node_id, &map)
+                .with_context(|| format!("{} cannot join {join}", dir.display()))?;
+            tracing::info!(
+                node = identity.node_id,
+                cluster = %identity.cluster_id,
+                "the data directory already belongs to this cluster: restarting as its node; --join is ignored"
+            );
+            if cluster_cache::read(&dir).ok().flatten().is_none() {
+                cluster_cache::write(&dir, &encode_serde(&map))?;
+            }
+            config.node_id = identity.node_id;
+            config.cluster_id = identity.cluster_id;
+            config.shards = identity.shards;
+            map
+        }
+        None => {
+            let joined = retry(deadline, join, || client.join(me, &config.cluster_id)).await?;
+            let map = joined.map;
+            let identity = Identity {
+                cluster_id: map.name.clone(),
+                node_id: joined.id,
+                shards: map.shard_count,
+                uuid: Some(map.cluster_uuid),
+            };
+            kvnode::storage::init_joined(&dir, &identity, &encode_serde(&map))
+                .with_context(|| format!("cannot prepare {} for the joined node", dir.display()))?;
+            tracing::info!(node = joined.id, cluster = %map.name, epoch = map.epoch, "joined the cluster");
+            config.node_id = joined.id;
+            config.cluster_id = map.name.clone();
+            config.shards = map.shard_count;
+            map
+        }
+    };
+    config.replication_factor = usize::from(map.replication_factor);
+    Ok(config)
+}
+
+/// Calls `attempt` until it succeeds, fails definitely and for good, or `deadline` passes.
+async fn retry<T, F, Fut>(deadline: Instant, target: &str, attempt: F) -> anyhow::Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = kvnode::Result<T>>,
+{
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tracing::info!(error = %e, "cannot reach the cluster at {target} yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("joining {target}"))),
+        }
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
-    let config = config(&args);
+    let mut config = config(&args);
+    if args.join.is_none()
+        && args.id.is_none()
+        && let Some(identity) = kvnode::storage::identity::read(&config.data_dir)?
+    {
+        config.node_id = identity.node_id;
+    }
     config.validate()?;
     let listen: SocketAddr = match args.listen {
         Some(addr) => addr,
@@ -175,6 +267,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The address actually bound: with `--listen 127.0.0.1:0` the OS picks the port, and this
     // log line is where a caller (a script, a test) reads it.
     let listen = listener.local_addr().unwrap_or(listen);
+    if let Some(join) = &args.join {
+        config = join_cluster(config, join, &listen.to_string()).await?;
+    }
     let node = Arc::new(Node::open(config).await.context("cannot open the node")?);
     tracing::info!(
         node = node.id(),
@@ -230,5 +325,42 @@ pub fn main() -> ExitCode {
             eprintln!("kvnode: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+
+    use super::*;
+
+    #[test]
+    fn join_is_refused_with_id_or_peers() {
+        let args = Args::try_parse_from(["kvnode", "--join", "127.0.0.1:7001"]).unwrap();
+        assert_eq!(args.join.as_deref(), Some("127.0.0.1:7001"));
+        assert_eq!(
+            config(&args).node_id,
+            1,
+            "no --id: 1 until the join answers"
+        );
+        for extra in [["--id", "4"], ["--peers", "1=127.0.0.1:7001"]] {
+            let err = Args::try_parse_from(
+                ["kvnode", "--join", "127.0.0.1:7001"]
+                    .into_iter()
+                    .chain(extra),
+            )
+            .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ArgumentConflict, "{err}");
+            let text = err.to_string();
+            assert!(text.contains("--join") && text.contains(extra[0]), "{text}");
+        }
+    }
+
+    #[test]
+    fn an_id_is_optional_without_join() {
+        let args = Args::try_parse_from(["kvnode", "--id", "3"]).unwrap();
+        assert_eq!(config(&args).node_id, 3);
+        let args = Args::try_parse_from(["kvnode"]).unwrap();
+        assert_eq!((args.id, config(&args).node_id), (None, 1));
     }
 }

@@ -1,5 +1,6 @@
 //! `kvctl node ...`: the cluster's nodes (issue 17). `list` prints the node list of the map
-//! the answering node knows; the calls that change membership join it as they land.
+//! the answering node knows; `add ADDR` registers a node ahead of its `kvnode --join` and
+//! prints its id. The other calls that change membership join them as they land.
 
 use clap::Subcommand;
 use kvnode::client::{Client, NodeList};
@@ -10,11 +11,19 @@ pub enum NodeCommand {
     /// One row per node: id, address, state, placement key, replicas held, replicas being
     /// added, and the map epoch at which it entered its state.
     List,
+    /// Registers a node at ADDR (host:port) before it starts and prints its id: the node later
+    /// started with `kvnode --join` and `--listen ADDR` gets this id. Idempotent while the
+    /// node is Joining.
+    Add {
+        /// The new node's client and peer address.
+        addr: String,
+    },
 }
 
 pub async fn run(client: &Client, command: NodeCommand) -> anyhow::Result<()> {
     match command {
         NodeCommand::List => print!("{}", table(&client.list_nodes().await?)),
+        NodeCommand::Add { addr } => println!("{}", client.add_node(&addr).await?),
     }
     Ok(())
 }
