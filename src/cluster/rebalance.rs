@@ -760,11 +760,14 @@ mod tests {
         }
 
         /// Time passes: every group commits an entry, live replicas catch up (a new learner
-        /// first gets a snapshot that is behind), and a group whose leader is gone elects the
+        /// first gets a snapshot that is behind; a follower lags now and then), and a group whose leader is gone elects the
         /// lowest live voter of its newest config.
         fn advance(&mut self) {
+            let seeds: Vec<u64> = (0..self.groups.len())
+                .map(|_| self.random(u64::MAX))
+                .collect();
             let map = &self.map;
-            for obs in self.groups.values_mut() {
+            for (obs, seed) in self.groups.values_mut().zip(seeds) {
                 obs.commit += 1;
                 let commit = obs.commit;
                 let members: Vec<Replica> = obs
@@ -776,8 +779,17 @@ mod tests {
                     .collect();
                 for r in members {
                     if !is_dead(map, r.node) {
+                        // A live follower lags one entry now and then (one tick in five).
+                        let lags = Some(r.id) != obs.leader
+                            && seed.rotate_left((r.id % 64) as u32) % 5 == 0;
                         let m = obs.matched.entry(r.id).or_insert(0);
-                        *m = if *m == 0 { 1 } else { commit };
+                        *m = if *m == 0 {
+                            1
+                        } else if lags {
+                            commit - 1
+                        } else {
+                            commit
+                        };
                     }
                 }
                 let newest = obs.configs.last().cloned().unwrap_or_default();
