@@ -1221,6 +1221,122 @@ mod tests {
         }
     }
 
+    fn observe_all(world: &World) -> BTreeMap<ShardId, GroupObservation> {
+        world.groups.clone()
+    }
+
+    /// Dead moves go first: with one move allowed, a replace (`Dead`) wins over a join's
+    /// `Balance` moves, it pairs the replacement with the dead replica, and a shard the driver
+    /// did not observe gets nothing.
+    #[test]
+    fn dead_moves_first_and_nothing_without_an_observation() {
+        let limits = Limits {
+            max_moves: 1,
+            ..Limits::default()
+        };
+        let mut world = World::new(seeded(3, 8, 3), limits, 1);
+        world.join(); // node 4: Balance moves for about 6 shards
+        let new = world.map.next_id;
+        world
+            .map
+            .apply(MetaChange::AddNode { addr: addr(new) })
+            .unwrap();
+        world
+            .map
+            .apply(MetaChange::ReplaceNode { dead: 2, new })
+            .unwrap();
+        world
+            .map
+            .apply(MetaChange::ActivateNode { id: new })
+            .unwrap();
+        let observed = observe_all(&world);
+        let got = plan(&world.map, &observed, &limits).actions;
+        let starts: Vec<&Action> = got
+            .iter()
+            .filter(|a| matches!(a, Action::Start(_)))
+            .collect();
+        assert_eq!(starts.len(), 1, "{got:?}");
+        let Action::Start(MetaChange::StartMove {
+            shard,
+            add,
+            remove,
+            reason,
+        }) = starts[0].clone()
+        else {
+            unreachable!()
+        };
+        assert_eq!(reason, MoveReason::Dead);
+        // The best-ranked missing node: the replacement or the newly joined node 4.
+        let add = add.unwrap();
+        assert!(want_nodes(&world.map, shard).contains(&add), "{add}");
+        assert!(
+            world.map.shards[&shard]
+                .voters
+                .iter()
+                .all(|r| r.node != add)
+        );
+        let removed = world.map.shards[&shard]
+            .voters
+            .iter()
+            .find(|r| Some(r.id) == remove)
+            .unwrap();
+        assert_eq!(removed.node, 2);
+        // Unobserved, the same shard gets nothing (and another one moves instead).
+        let mut partial = observed.clone();
+        partial.remove(&shard);
+        let got = plan(&world.map, &partial, &limits).actions;
+        assert!(
+            got.iter().all(|a| action_shard(a) != Some(shard)),
+            "{got:?}"
+        );
+        // With nothing observed, nothing is done at all.
+        assert_eq!(plan(&world.map, &BTreeMap::new(), &limits), Plan::default());
+    }
+
+    /// A one-voter shard moving from its leader's node: add, catch up, promote to two, hand
+    /// the leadership over, then shrink; the steps come one per tick, in that order.
+    #[test]
+    fn a_one_voter_shard_moves_by_growing_then_shrinking() {
+        let mut world = World::new(seeded(1, 1, 1), Limits::default(), 1);
+        world.hide = false;
+        let b = world.join();
+        world
+            .map
+            .apply(MetaChange::DrainNode { id: 1, dead: false })
+            .unwrap();
+        let mut kinds = Vec::new();
+        for _ in 0..40 {
+            if world.converged() {
+                break;
+            }
+            for action in world.tick().unwrap().actions {
+                if action_shard(&action) == Some(0) {
+                    let kind = match action {
+                        Action::Start(_) => "start",
+                        Action::AddLearner { .. } => "learner",
+                        Action::Promote { .. } => "promote",
+                        Action::Finish(_) => "finish",
+                        Action::Abort(_) => "abort",
+                        Action::FlattenJoint { .. } => "flatten",
+                        Action::TransferLeader { .. } => "transfer",
+                        Action::RemoveNode { .. } => "remove",
+                    };
+                    kinds.push(kind);
+                }
+            }
+        }
+        assert!(world.converged());
+        kinds.retain(|k| *k != "flatten");
+        assert_eq!(
+            kinds,
+            [
+                "start", "learner", "promote", "finish", "start", "transfer", "promote", "finish"
+            ]
+        );
+        assert_eq!(world.map.shards[&0].voters[0].node, b);
+        assert_eq!(world.map.nodes[&1].state, NodeState::Removed);
+    }
+
     /// The arithmetic: growing 3 → 4 → 5 nodes with rf 3 and 64 shards moves one
     /// replica of exactly the shards whose placement changed, about `rf / (n + 1)` of the
     /// shards (= `1 / (n + 1)` of all 192 replicas, the new node's fair share).
