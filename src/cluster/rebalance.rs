@@ -19,10 +19,10 @@
 //!   map's voters): one replica in and/or one out. More voters than the target: remove one
 //!   (remove-only); fewer: add one (add-only, [`MoveReason::Grow`]); as many: add the best
 //!   ranked missing node and remove an extra voter (a one-voter group `{r}` goes `{r, a}`,
-//!   then `{a}` instead of §6's `[{r}, {a}]`, so its leader never removes itself). Extra voters go in the order dead node,
-//!   draining node, anything else, so the reasons rank `Dead > Drain > Grow > Balance`, and the
-//!   candidates of the whole cluster are admitted in that order (then by shard id) under
-//!   [`Limits`].
+//!   then `{a}` instead of §6's `[{r}, {a}]`, so its leader never removes itself). Extra
+//!   voters go in the order dead node, draining node, anything else, so the reasons rank
+//!   `Dead > Drain > Grow > Balance`, and the candidates of the whole cluster are admitted in
+//!   that order (then by shard id) under [`Limits`].
 //! - *Steps of a pending move*, from the group's observed state: joint → `FlattenJoint`;
 //!   uniform = the move's result → `Finish`; uniform = the map's voters → `Abort` if the add
 //!   node left Active (or a voter other than the removed one died), else `AddLearner` if the
