@@ -26,8 +26,12 @@
 //! replica's node and names the replica in the message (the receiver refuses one for a
 //! replica it does not host), [`leadership`] asks each voter's node about that voter,
 //! [`hibernation`] counts a replica reachable when its node is, and leader hints
-//! (`NotLeader`, `x-kvnode-leader`) are nodes. Until replicas move (issue 17, milestone M3)
-//! every replica id equals its node id.
+//! (`NotLeader`, `x-kvnode-leader`) are nodes. A node's replica of a shard is the map's voter
+//! (or pending move's `add`) on that node, and its Raft id is that replica id (equal to the node
+//! id for every replica that existed before moves). The data directory records which replica id
+//! a shard's local state belongs to (`storage::replica_record`; none = the node id), and a shard
+//! opened under another id retires the old incarnation's log, vote, tree and snapshots first
+//! (`storage::Store::retire_shard`), so a Raft id never starts from state it did not write.
 //!
 //! ## Cluster metadata: the META group (issue 17, `docs/design/membership.md`)
 //!

@@ -132,10 +132,15 @@ impl Node {
             };
             placement.insert(shard, replicas);
         }
-        let local: Vec<ShardId> = placement
+        // This node's replica of each shard: the map's voter or pending add on this node (its
+        // replica id), or, before any map, the flags' placement with replica id = node id.
+        let me = config.node_id;
+        let local: Vec<(ShardId, u64)> = placement
             .iter()
-            .filter(|(_, replicas)| replicas.contains(&config.node_id))
-            .map(|(shard, _)| *shard)
+            .filter_map(|(shard, replicas)| match &known {
+                Some(map) => local_replica(map, *shard, me).map(|r| (*shard, r)),
+                None => replicas.contains(&me).then_some((*shard, me)),
+            })
             .collect();
 
         let peers = if config.is_clustered() {
@@ -152,12 +157,18 @@ impl Node {
             None => seed::meta_voters(&config)
                 .map_err(|e| Error::InvalidArgument(format!("placement of META: {e}")))?,
         };
-        let hosts_meta = meta_voters.contains(&config.node_id);
-        let opened = join_all(local.iter().map(|&id| {
+        let meta_replica = match &known {
+            Some(map) => local_replica(map, META, me),
+            None => meta_voters.contains(&me).then_some(me),
+        };
+        if let Some(map) = &known {
+            retire_leftovers(&store, map, me)?;
+        }
+        let opened = join_all(local.iter().map(|&(id, replica)| {
             open_shard(
                 &store,
                 &config,
-                id,
+                (id, replica),
                 peers.clone(),
                 Arc::clone(&checks),
                 None,
@@ -165,13 +176,13 @@ impl Node {
         }))
         .await;
         let shards = opened.into_iter().collect::<Result<Vec<Shard>>>()?;
-        let meta = if hosts_meta {
+        let meta = if let Some(replica) = meta_replica {
             let view = Some(Arc::clone(&map_view));
             Some(
                 open_shard(
                     &store,
                     &config,
-                    META,
+                    (META, replica),
                     peers.clone(),
                     Arc::clone(&checks),
                     view,
@@ -719,6 +730,49 @@ fn map_replicas(map: &ClusterMap, shard: ShardId) -> Vec<u64> {
     cluster::replicas(shard, &nodes, nodes.len()).unwrap_or(nodes)
 }
 
+/// This node's replica of `shard` in `map`: the voter on node `me`, else the pending move's
+/// `add` on `me` (a new replica, opened empty), else none.
+pub(crate) fn local_replica(map: &ClusterMap, shard: ShardId, me: u64) -> Option<u64> {
+    let entry = map.shards.get(&shard)?;
+    entry
+        .voters
+        .iter()
+        .chain(entry.pending.iter().flat_map(|m| m.add.iter()))
+        .find(|r| r.node == me)
+        .map(|r| r.id)
+}
+
+/// Finishes or starts the deletion of local state the map says this node no longer holds: a
+/// shard whose recorded replica (`storage::replica_record`, legacy = `me`) the map lists as
+/// retired on this node. Conservative on purpose: a replica the map merely does not list is
+/// kept (the cached map may predate the move that added it), so only the map's own `retired`
+/// list, which names a replica only once its group no longer counts it, deletes data here. A
+/// replica hosted under another id is retired when it opens (`Shard::open`).
+fn retire_leftovers(store: &Store, map: &ClusterMap, me: u64) -> Result<()> {
+    for shard in store.shards_on_disk()? {
+        let Some(entry) = map.shards.get(&shard) else {
+            continue;
+        };
+        if local_replica(map, shard, me).is_some() {
+            continue;
+        }
+        let recorded = store.shard_replica(shard, me)?;
+        if entry
+            .retired
+            .iter()
+            .any(|r| r.id == recorded && r.node == me)
+        {
+            tracing::info!(
+                shard,
+                replica = recorded,
+                "retiring a replica the map retired"
+            );
+            store.retire_shard(shard)?;
+        }
+    }
+    Ok(())
+}
+
 /// Keeps the peer set equal to every newer map's live nodes, so that a node added to the map
 /// is admitted and reachable (and a Removed one is neither). Runs until aborted.
 async fn admit_map_nodes(
@@ -819,11 +873,11 @@ fn check_identity(store: &Store, config: &Config) -> Result<Identity> {
     }
 }
 
-/// Opens replica `id` on this node with the transport the configuration calls for.
+/// Opens `replica` of shard `id` on this node with the transport the configuration calls for.
 async fn open_shard(
     store: &Store,
     config: &Config,
-    id: ShardId,
+    (id, replica): (ShardId, u64),
     peers: Option<Arc<Peers>>,
     checks: Arc<LeadershipChecks>,
     map_view: Option<Arc<MapView>>,
@@ -833,11 +887,21 @@ async fn open_shard(
         Some(peers) => {
             let network = ShardNetwork::new(peers.clone(), id, Arc::clone(&horizon));
             let network = (network, horizon);
-            Shard::open(store, config, id, network, Some(peers), checks, map_view).await
+            Shard::open(
+                store,
+                config,
+                id,
+                replica,
+                network,
+                Some(peers),
+                checks,
+                map_view,
+            )
+            .await
         }
         None => {
             let network = (NoPeers, horizon);
-            Shard::open(store, config, id, network, None, checks, map_view).await
+            Shard::open(store, config, id, replica, network, None, checks, map_view).await
         }
     }
 }

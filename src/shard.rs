@@ -71,8 +71,8 @@ pub struct ShardView {
 pub struct Shard {
     id: u64,
     node_id: u64,
-    /// This replica's Raft id in its group (see [`crate::raft::replica_node`]): the node id
-    /// until replicas move (milestone M3 takes it from the cluster map).
+    /// This replica's Raft id in its group (see [`crate::raft::replica_node`]): the map's
+    /// replica on this node (the node id for every replica that existed before moves).
     replica: u64,
     raft: ShardRaft,
     reader: StateReader,
@@ -148,14 +148,25 @@ pub fn raft_config(config: &Config, shard: u64) -> Result<openraft::Config> {
 }
 
 impl Shard {
-    /// Opens shard `id`'s replica on this node: its log in the WAL, its state machine (restored
-    /// from a snapshot if sled fell behind the log's purge point), and its Raft group.
-    /// `network` must record every commit index it sends in `horizon`. `map_view` is given for
-    /// the META group only: its state machine publishes the applied cluster map there.
+    /// Opens replica `replica` of shard `id` on this node: its log in the WAL, its state
+    /// machine (restored from a snapshot if sled fell behind the log's purge point), and its
+    /// Raft group, whose Raft id is `replica`. `network` must record every commit index it
+    /// sends in `horizon`. `map_view` is given for the META group only: its state machine
+    /// publishes the applied cluster map there.
+    ///
+    /// The shard's local state is opened only under the replica id it belongs to
+    /// ([`crate::storage::replica_record`]; none recorded = the node id). If that is another
+    /// replica id, the state is an earlier incarnation's and is retired first
+    /// ([`Store::retire_shard`]): the new replica starts empty and uninitialized, and waits for
+    /// its leader's appends or snapshot. Safety: a Raft id never sees a vote or log it did not
+    /// write itself, and the record names the new id only once the old state is gone, so a
+    /// crash in between retires again.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open<N>(
         store: &Store,
         config: &Config,
         id: u64,
+        replica: u64,
         (network, horizon): (N, Arc<CommitHorizon>),
         peers: Option<Arc<Peers>>,
         checks: Arc<LeadershipChecks>,
@@ -165,6 +176,17 @@ impl Shard {
         N: RaftNetworkFactory<TypeConfig>,
         N::Network: NetSnapshot<TypeConfig, SnapshotData = SnapshotFile>,
     {
+        let recorded = store.shard_replica(id, config.node_id)?;
+        if recorded != replica {
+            tracing::info!(
+                shard = id,
+                old = recorded,
+                new = replica,
+                "the shard's local state belongs to an earlier replica; retiring it"
+            );
+            store.retire_shard(id)?;
+        }
+        store.record_shard_replica(id, replica)?;
         let log = LogStore::new(store.wal().clone(), id);
         let purged = log.last_purged().map_err(|e| io_to_error(id, e))?;
         let mut sm =
@@ -176,8 +198,6 @@ impl Shard {
         #[cfg(feature = "planted-bugs")]
         let stall = sm.stall();
         let raft_config = Arc::new(raft_config(config, id)?);
-        // Every replica id equals its node id until replicas move (milestone M3).
-        let replica = config.node_id;
         let raft = ShardRaft::new(replica, raft_config, network, log.clone(), sm)
             .await
             .map_err(|e| Error::ShardStopped {
@@ -233,8 +253,8 @@ impl Shard {
     }
 
     /// This replica's Raft id in its group, the id a peer message for it names
-    /// (`PeerHeader.replica`, `ConfirmItem.replica`). Equal to the node id until replicas
-    /// move (milestone M3 changes only where it comes from).
+    /// (`PeerHeader.replica`, `ConfirmItem.replica`): the id the cluster map gives this
+    /// node's replica of the shard (the node id for replicas that existed before moves).
     pub fn replica_id(&self) -> u64 {
         self.replica
     }
@@ -695,14 +715,23 @@ impl Shard {
         &self.stall
     }
 
-    /// True if this replica's stored vote names `leader` as the leader of `term` (a peer's
-    /// leadership check, see [`crate::leadership`]).
+    /// True if this replica's stored vote is for a leader of `term` hosted on node `leader`
+    /// (a peer's leadership check, see [`crate::leadership`]: the sender is known by its
+    /// node). The vote names a replica id; the group's membership maps it to its node.
     pub fn holds_vote_for(&self, term: u64, leader: u64) -> bool {
         #[cfg(feature = "planted-bugs")]
         if let Some(planted) = self.planted_holds_vote_for(term, leader) {
             return planted;
         }
-        self.log.holds_vote_for(term, leader)
+        let Ok(Some(vote)) = self.log.vote() else {
+            return false;
+        };
+        if vote.leader_id.term != term {
+            return false;
+        }
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        node_in(self.id, &m, vote.leader_id.node_id) == Some(leader)
     }
 
     /// A read index from openraft's `ReadIndex` linearizer: a quorum round through the group's

@@ -364,9 +364,9 @@ impl RaftTransport for RaftService {
             .admit_peer(request.header.as_ref(), "confirm-leadership")?
             .from_node;
         // A shard this node does not host, another replica of it than the one hosted here, or
-        // one whose stored vote is another, is a no.
-        // The vote's leader is compared with the sender's node id: equal to the leader's
-        // replica id until replicas move (milestone M3 maps it through the membership).
+        // one whose stored vote is another, is a no. The vote names the leader's replica id;
+        // `holds_vote_for` maps it through the group's membership to its node, which must be
+        // the sender.
         let node = self.node.config().node_id;
         let confirmed = request
             .items
