@@ -53,8 +53,13 @@
 //! from the flags, which the seed reproduces. `kvnode --join ADDR` asks any node for
 //! `Admin.Join`, which META's leader decides (idempotent by address: `kvctl node add ADDR`
 //! pre-registers); the node writes `CLUSTER` and `IDENTITY` and serves, and the META leader
-//! activates it after two answered pings. A joined node holds no replica until the rebalancer
-//! (milestone M4) moves some to it; it forwards every request.
+//! activates it after two answered pings. A joined node holds no replica until a move gives it
+//! one; it forwards every request. Replicas come and go at runtime: the router's set changes
+//! (`Router::insert/remove`), a node opens the replica a pending move adds on it (empty; it waits
+//! for its leader), and closes, then after a grace period deletes, one the map no longer lists
+//! on it. A move's steps on the group are [`shard::Shard`]'s `add_learner`, `matched`,
+//! `membership`, `replace_voters` and `transfer_leader` (design D6); nothing drives them
+//! automatically yet (the rebalancer, milestone M4).
 //!
 //! Modules import downward only: [`storage`] knows nothing of Raft (it stores opaque bytes);
 //! [`raft`] adapts openraft to storage and is the only module that names openraft storage

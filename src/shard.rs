@@ -67,6 +67,36 @@ pub struct ShardView {
     pub hibernating: bool,
 }
 
+/// A group's membership as this replica knows it (the last one in its log, which openraft
+/// makes effective as soon as it is appended): voters and learners as replica → node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMembership {
+    /// The voter sets: one (uniform) or two (joint, old then new).
+    pub voters: Vec<BTreeMap<u64, u64>>,
+    /// Learners: replicas that receive the log but do not vote.
+    pub learners: BTreeMap<u64, u64>,
+    /// The log position of this membership, for [`Shard::replace_voters`]' precondition.
+    pub log_id: MembershipLogId,
+}
+
+impl GroupMembership {
+    /// True while the group is in a joint configuration.
+    pub fn is_joint(&self) -> bool {
+        self.voters.len() > 1
+    }
+}
+
+/// The log position of a group membership (opaque: compare it, hand it back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipLogId(Option<crate::raft::LogId>);
+
+impl MembershipLogId {
+    /// The log index of the membership entry (`None` for the initial empty membership).
+    pub fn index(&self) -> Option<u64> {
+        self.0.as_ref().map(|l| l.index())
+    }
+}
+
 /// One local replica of a shard.
 pub struct Shard {
     id: u64,
@@ -303,6 +333,112 @@ impl Shard {
             },
             hibernating: self.activity.is_hibernating(),
         }
+    }
+
+    /// The group's membership as this replica knows it (see [`GroupMembership`]). A replica
+    /// whose membership entry names no node is reported on the node equal to its id (legacy).
+    pub fn membership(&self) -> GroupMembership {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let stored = &m.membership_config;
+        group_membership(self.id, stored.membership(), *stored.log_id())
+    }
+
+    /// Adds `replica`, hosted on `node`, to the group as a learner (design D6, first step).
+    /// Leader only. Does not wait for it to catch up (openraft's non-blocking mode): the caller
+    /// decides when it has, with [`Shard::matched`]. Idempotent: a replica already a learner or
+    /// voter is left as it is and the call succeeds.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotLeader`] (definite, nothing proposed) on a replica that does not lead; the
+    /// write errors of [`Shard::write`] otherwise.
+    pub async fn add_learner(&self, replica: u64, node: u64) -> Result<()> {
+        if self
+            .membership()
+            .voters
+            .iter()
+            .any(|v| v.contains_key(&replica))
+            || self.membership().learners.contains_key(&replica)
+        {
+            return Ok(());
+        }
+        self.raft
+            .add_learner(replica, replica_node(node), false)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.write_error(e))
+    }
+
+    /// The highest log index the leader knows `replica` holds (openraft's replication
+    /// progress); `None` if this replica does not lead or has not heard from it yet.
+    pub fn matched(&self, replica: u64) -> Option<u64> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        if replica == self.replica && m.state == openraft::ServerState::Leader {
+            return m.last_log_index;
+        }
+        m.replication
+            .as_ref()?
+            .get(&replica)?
+            .as_ref()
+            .map(|l| l.index())
+    }
+
+    /// Replaces the group's voters with `voters` (design D6, the membership step): openraft's
+    /// `change_membership_if(ReplaceAllVoters, retain = false)` guarded by
+    /// `LastMembershipLogId = expected`, so a second driver that observed an older membership
+    /// changes nothing. Commits the joint configuration, then the uniform one; returns the new
+    /// membership. Replicas left out stop receiving the log (`retain = false`). Every new voter
+    /// must be a learner or voter already (its node is taken from the membership).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotLeader`] on a replica that does not lead; a refusal (the precondition
+    /// failed, another change in progress) as [`Error::Unavailable`] naming openraft's reason.
+    /// A refusal of the first step writes nothing; one of the flattening step (or a lost
+    /// leadership) can leave the group joint, so after any error the caller observes
+    /// [`Shard::membership`] again instead of assuming either.
+    pub async fn replace_voters(
+        &self,
+        voters: std::collections::BTreeSet<u64>,
+        expected: &MembershipLogId,
+    ) -> Result<GroupMembership> {
+        let precondition = openraft::Precondition::LastMembershipLogId {
+            last_membership_log_id: expected.0,
+        };
+        let written = self
+            .raft
+            .change_membership_if(
+                openraft::ChangeMembers::ReplaceAllVoters(voters),
+                false,
+                [precondition],
+            )
+            .await
+            .map_err(|e| self.write_error(e))?;
+        Ok(match &written.membership {
+            Some(m) => group_membership(self.id, m, Some(written.log_id)),
+            None => self.membership(),
+        })
+    }
+
+    /// Asks the group to transfer leadership to `replica` (openraft's trigger): the leader
+    /// stops serving lease reads at once. It does not wait, and the transfer may not happen
+    /// (a lagging target, or no transport of the transfer message yet): callers observe the
+    /// group afterwards instead of assuming it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShardStopped`] if the group has stopped.
+    pub async fn transfer_leader(&self, replica: u64) -> Result<()> {
+        self.raft
+            .trigger()
+            .transfer_leader(replica)
+            .await
+            .map_err(|e| Error::ShardStopped {
+                shard: self.id,
+                reason: e.to_string(),
+            })
     }
 
     /// True if this replica leads its group right now.
@@ -711,8 +847,8 @@ impl Shard {
     /// [`crate::raft::apply_stall`]).
     #[cfg(feature = "planted-bugs")]
     #[doc(hidden)]
-    pub fn apply_stall(&self) -> &crate::raft::apply_stall::ApplyStall {
-        &self.stall
+    pub fn apply_stall(&self) -> Arc<crate::raft::apply_stall::ApplyStall> {
+        Arc::clone(&self.stall)
     }
 
     /// True if this replica's stored vote is for a leader of `term` hosted on node `leader`
@@ -1081,6 +1217,30 @@ impl Shard {
                 }
             },
         )
+    }
+}
+
+/// `membership` (at `log_id`) as kvnode's [`GroupMembership`]: replica → node through each
+/// replica's entry (a replica whose entry names no node is reported on the node of its id).
+fn group_membership(
+    shard: u64,
+    membership: &openraft::Membership<u64, BasicNode>,
+    log_id: Option<crate::raft::LogId>,
+) -> GroupMembership {
+    let node = |replica: u64| {
+        membership
+            .get_node(&replica)
+            .and_then(|entry| entry_node(shard, replica, entry))
+            .unwrap_or(replica)
+    };
+    GroupMembership {
+        voters: membership
+            .get_joint_config()
+            .iter()
+            .map(|set| set.iter().map(|r| (*r, node(*r))).collect())
+            .collect(),
+        learners: membership.learner_ids().map(|r| (r, node(r))).collect(),
+        log_id: MembershipLogId(log_id),
     }
 }
 

@@ -91,7 +91,7 @@ impl RaftService {
     }
 
     /// Checks `header` (see the module doc) and returns the local replica it addresses.
-    fn admit(&self, header: Option<&PeerHeader>, rpc: &str) -> Result<&Shard, Status> {
+    fn admit(&self, header: Option<&PeerHeader>, rpc: &str) -> Result<Arc<Shard>, Status> {
         let header = self.admit_peer(header, rpc)?;
         let node = self.node.config().node_id;
         let Some(shard) = self.node.local_shard(header.shard) else {
@@ -177,7 +177,7 @@ impl RaftService {
         &self,
         request: &RaftRequest,
         rpc: &str,
-    ) -> Result<(&Shard, T), Status> {
+    ) -> Result<(Arc<Shard>, T), Status> {
         let shard = self.admit(request.header.as_ref(), rpc)?;
         let message = decode(&request.payload, rpc)?;
         Ok((shard, message))
@@ -336,8 +336,9 @@ impl RaftTransport for RaftService {
             leading: self
                 .node
                 .local_shards()
+                .iter()
                 .filter(|shard| shard.is_leader())
-                .map(Shard::id)
+                .map(|shard| shard.id())
                 .collect(),
             map_epoch: self.node.map_epoch(),
         }))
