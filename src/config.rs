@@ -82,6 +82,9 @@ pub struct Config {
     /// sled's cache for all state machines of the node together. Resident memory can reach a
     /// few times this. Default 64 MiB.
     pub sled_cache_bytes: u64,
+    /// How long a replica that moved away keeps its local state before the node deletes it
+    /// (docs/design/membership.md D10), in milliseconds. Default one hour; tests use 0.
+    pub retired_gc_after_ms: u64,
 }
 
 impl Default for Config {
@@ -105,6 +108,7 @@ impl Default for Config {
             request_timeout_ms: 5000,
             wal_segment_bytes: 64 * 1024 * 1024,
             sled_cache_bytes: 64 * 1024 * 1024,
+            retired_gc_after_ms: 60 * 60 * 1000,
         }
     }
 }
@@ -302,6 +306,11 @@ impl Config {
             self.lease_margin_ms
                 .unwrap_or(self.election_timeout_max_ms / 8),
         )
+    }
+
+    /// [`Config::retired_gc_after_ms`] as a duration.
+    pub fn retired_gc_after(&self) -> Duration {
+        Duration::from_millis(self.retired_gc_after_ms)
     }
 
     /// The request timeout as a duration.

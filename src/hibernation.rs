@@ -443,6 +443,46 @@ fn state_of(m: &openraft::RaftMetrics<crate::raft::TypeConfig>) -> GroupState {
     }
 }
 
+/// The groups the controller watches. The node inserts a replica it opens at runtime and
+/// removes one it closes (a replica that moved away must not be woken or put to sleep again,
+/// and its Raft handle must not be kept alive here).
+#[derive(Default)]
+pub struct Groups(std::sync::Mutex<BTreeMap<u64, Group>>);
+
+impl std::fmt::Debug for Groups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.lock().keys()).finish()
+    }
+}
+
+impl Groups {
+    /// The set of `groups`, by shard.
+    pub fn new(groups: Vec<Group>) -> Arc<Groups> {
+        Arc::new(Groups(std::sync::Mutex::new(
+            groups.into_iter().map(|g| (g.shard, g)).collect(),
+        )))
+    }
+
+    /// Watches `group` (replacing the group of the same shard, if any).
+    pub fn insert(&self, group: Group) {
+        self.lock().insert(group.shard, group);
+    }
+
+    /// Stops watching `shard`'s group.
+    pub fn remove(&self, shard: u64) {
+        self.lock().remove(&shard);
+    }
+
+    /// The groups watched now.
+    fn snapshot(&self) -> Vec<Group> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Group>> {
+        self.0.lock().expect("hibernation groups lock")
+    }
+}
+
 /// The node's hibernation controller; stops when dropped.
 #[derive(Debug)]
 pub struct Controller {
@@ -456,13 +496,14 @@ impl Drop for Controller {
 }
 
 impl Controller {
-    /// Starts the controller of node `me` over `groups`, or returns `None` if `config` never
-    /// hibernates. `peers` is `None` for an embedded node (its groups have no other replica).
+    /// Starts the controller of node `me` over `groups` (as they are at each round), or
+    /// returns `None` if `config` never hibernates. `peers` is `None` for an embedded node (its
+    /// groups have no other replica).
     pub fn start(
         config: &Config,
         boot_id: u64,
         peers: Option<Arc<Peers>>,
-        groups: Vec<Group>,
+        watched: Arc<Groups>,
     ) -> Option<Controller> {
         let timeouts = Timeouts::of(config)?;
         let me = config.node_id;
@@ -487,6 +528,7 @@ impl Controller {
                     timeouts: &timeouts,
                 };
                 let mut sleeping = 0usize;
+                let groups = watched.snapshot();
                 for group in &groups {
                     let state = group.state();
                     let idle_for = group.activity.idle_for(round.now);

@@ -26,8 +26,12 @@
 //! replica's node and names the replica in the message (the receiver refuses one for a
 //! replica it does not host), [`leadership`] asks each voter's node about that voter,
 //! [`hibernation`] counts a replica reachable when its node is, and leader hints
-//! (`NotLeader`, `x-kvnode-leader`) are nodes. Until replicas move (issue 17, milestone M3)
-//! every replica id equals its node id.
+//! (`NotLeader`, `x-kvnode-leader`) are nodes. A node's replica of a shard is the map's voter
+//! (or pending move's `add`) on that node, and its Raft id is that replica id (equal to the node
+//! id for every replica that existed before moves). The data directory records which replica id
+//! a shard's local state belongs to (`storage::replica_record`; none = the node id), and a shard
+//! opened under another id retires the old incarnation's log, vote, tree and snapshots first
+//! (`storage::Store::retire_shard`), so a Raft id never starts from state it did not write.
 //!
 //! ## Cluster metadata: the META group (issue 17, `docs/design/membership.md`)
 //!
@@ -49,8 +53,13 @@
 //! from the flags, which the seed reproduces. `kvnode --join ADDR` asks any node for
 //! `Admin.Join`, which META's leader decides (idempotent by address: `kvctl node add ADDR`
 //! pre-registers); the node writes `CLUSTER` and `IDENTITY` and serves, and the META leader
-//! activates it after two answered pings. A joined node holds no replica until the rebalancer
-//! (milestone M4) moves some to it; it forwards every request.
+//! activates it after two answered pings. A joined node holds no replica until a move gives it
+//! one; it forwards every request. Replicas come and go at runtime: the router's set changes
+//! (`Router::insert/remove`), a node opens the replica a pending move adds on it (empty; it waits
+//! for its leader), and closes, then after a grace period deletes, one the map no longer lists
+//! on it. A move's steps on the group are [`shard::Shard`]'s `add_learner`, `matched`,
+//! `membership`, `replace_voters` and `transfer_leader` (design D6); nothing drives them
+//! automatically yet (the rebalancer, milestone M4).
 //!
 //! Modules import downward only: [`storage`] knows nothing of Raft (it stores opaque bytes);
 //! [`raft`] adapts openraft to storage and is the only module that names openraft storage

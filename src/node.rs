@@ -10,6 +10,10 @@
 //! A known map drives the node: its live nodes are the peers (`admit_map_nodes`, on every
 //! newer map) and, when known at open, its voters are the placement. On META's leader it also
 //! activates Joining nodes (`activate_joining`) and decides joins ([`Node::register_node`]).
+//! A clustered node's replicas follow the map at runtime (`ReplicaFollower`): a pending move's
+//! `add` on this node is opened empty, a replica the map no longer lists here is closed and,
+//! after `Config::retired_gc_after_ms`, retired on disk. At open, the replica ids come from the
+//! map and the state of replicas the map retired here is deleted (`retire_leftovers`).
 //! META is not in the key router: no key routes to it; peers reach it through
 //! [`Node::local_shard`].
 //!
@@ -42,7 +46,7 @@ use crate::cluster::{self, MapView, join, seed};
 use crate::config::Config;
 use crate::consistency::{ReadOptions, WriteReceipt};
 use crate::error::{Error, Result};
-use crate::hibernation::{Controller, new_boot_id};
+use crate::hibernation::{Controller, Groups, new_boot_id};
 use crate::leadership::LeadershipChecks;
 use crate::peers::Peers;
 use crate::raft::commit_horizon::CommitHorizon;
@@ -61,7 +65,7 @@ use crate::storage::{Identity, Store, StoreOptions, WalOptions, cluster_cache};
 pub struct Node {
     config: Config,
     store: Store,
-    router: Router,
+    router: Arc<Router>,
     /// Shard → its replicas' node ids, preferred leader first.
     placement: BTreeMap<ShardId, Vec<u64>>,
     /// Channels to the other nodes (None when embedded).
@@ -73,7 +77,11 @@ pub struct Node {
     /// Leadership checks for the linearizable reads of every shard this node leads.
     checks: Arc<LeadershipChecks>,
     /// This node's replica of the META group, if placement puts one here (not in `router`).
-    meta: Option<Shard>,
+    meta: Option<Arc<Shard>>,
+    /// The groups hibernation watches (every local replica, META's included).
+    groups: Arc<Groups>,
+    /// Opens, closes and retires replicas as the map changes (clustered nodes only).
+    replicas: Option<Arc<ReplicaFollower>>,
     /// The newest cluster map this node knows.
     map_view: Arc<MapView>,
     /// The seeding task (clustered META voters, until the map is seeded) and the task that
@@ -132,10 +140,15 @@ impl Node {
             };
             placement.insert(shard, replicas);
         }
-        let local: Vec<ShardId> = placement
+        // This node's replica of each shard: the map's voter or pending add on this node (its
+        // replica id), or, before any map, the flags' placement with replica id = node id.
+        let me = config.node_id;
+        let local: Vec<(ShardId, u64)> = placement
             .iter()
-            .filter(|(_, replicas)| replicas.contains(&config.node_id))
-            .map(|(shard, _)| *shard)
+            .filter_map(|(shard, replicas)| match &known {
+                Some(map) => local_replica(map, *shard, me).map(|r| (*shard, r)),
+                None => replicas.contains(&me).then_some((*shard, me)),
+            })
             .collect();
 
         let peers = if config.is_clustered() {
@@ -152,43 +165,53 @@ impl Node {
             None => seed::meta_voters(&config)
                 .map_err(|e| Error::InvalidArgument(format!("placement of META: {e}")))?,
         };
-        let hosts_meta = meta_voters.contains(&config.node_id);
-        let opened = join_all(local.iter().map(|&id| {
+        let meta_replica = match &known {
+            Some(map) => local_replica(map, META, me),
+            None => meta_voters.contains(&me).then_some(me),
+        };
+        if let Some(map) = &known {
+            retire_leftovers(&store, map, me)?;
+        }
+        let opened = join_all(local.iter().map(|&(id, replica)| {
             open_shard(
                 &store,
                 &config,
-                id,
+                (id, replica),
                 peers.clone(),
                 Arc::clone(&checks),
                 None,
             )
         }))
         .await;
-        let shards = opened.into_iter().collect::<Result<Vec<Shard>>>()?;
-        let meta = if hosts_meta {
+        let shards = opened
+            .into_iter()
+            .map(|s| s.map(Arc::new))
+            .collect::<Result<Vec<Arc<Shard>>>>()?;
+        let meta = if let Some(replica) = meta_replica {
             let view = Some(Arc::clone(&map_view));
             Some(
                 open_shard(
                     &store,
                     &config,
-                    META,
+                    (META, replica),
                     peers.clone(),
                     Arc::clone(&checks),
                     view,
                 )
-                .await?,
+                .await
+                .map(Arc::new)?,
             )
         } else {
             None
         };
         // Test builds: the fault tester's apply-lag nemesis, if KVNODE_APPLY_LAG asks for it.
         #[cfg(feature = "planted-bugs")]
-        crate::raft::apply_stall::start_from_env(shards.iter().map(Shard::lag_target).collect());
+        crate::raft::apply_stall::start_from_env(shards.iter().map(|s| s.lag_target()).collect());
 
         let groups: Vec<(&Shard, &[u64])> = shards
             .iter()
-            .map(|shard| (shard, placement[&shard.id()].as_slice()))
-            .chain(meta.iter().map(|m| (m, meta_voters.as_slice())))
+            .map(|shard| (shard.as_ref(), placement[&shard.id()].as_slice()))
+            .chain(meta.iter().map(|m| (m.as_ref(), meta_voters.as_slice())))
             .collect();
         let started = join_all(groups.into_iter().map(|(shard, replicas)| {
             let config = &config;
@@ -207,12 +230,16 @@ impl Node {
         }))
         .await;
         let boot_id = new_boot_id();
-        let groups = shards
-            .iter()
-            .chain(meta.iter())
-            .map(Shard::hibernation_group)
-            .collect();
-        let hibernation = Controller::start(&config, boot_id, peers.clone(), groups);
+        let groups = Groups::new(
+            shards
+                .iter()
+                .chain(meta.iter())
+                .map(|s| s.hibernation_group())
+                .collect(),
+        );
+        let hibernation = Controller::start(&config, boot_id, peers.clone(), Arc::clone(&groups));
+        let router = Arc::new(Router::new(ring, shards));
+        let mut replicas = None;
         let mut tasks = vec![tokio::spawn(keep_cache(
             store.dir().to_path_buf(),
             identity,
@@ -227,6 +254,22 @@ impl Node {
                 Arc::clone(peers),
                 map_view.subscribe(),
             )));
+            let follower = Arc::new(ReplicaFollower {
+                store: store.clone(),
+                config: config.clone(),
+                peers: Arc::clone(peers),
+                checks: Arc::clone(&checks),
+                router: Arc::clone(&router),
+                groups: Arc::clone(&groups),
+                meta: meta.clone(),
+                disk: tokio::sync::Mutex::new(()),
+                retirements: std::sync::Mutex::new(Vec::new()),
+            });
+            tasks.push(tokio::spawn(follow_replicas(
+                Arc::clone(&follower),
+                map_view.subscribe(),
+            )));
+            replicas = Some(follower);
             if let Some(meta) = &meta {
                 tasks.push(tokio::spawn(activate_joining(
                     meta.raft().clone(),
@@ -238,7 +281,9 @@ impl Node {
             }
         }
         let node = Node {
-            router: Router::new(ring, shards),
+            router,
+            groups,
+            replicas,
             config,
             store,
             placement,
@@ -262,7 +307,7 @@ impl Node {
             node = node.config.node_id,
             cluster = %node.config.cluster_id,
             shards = node.config.shards,
-            local_replicas = node.router.shards().count(),
+            local_replicas = node.router.shards().len(),
             hosts_meta = node.meta.is_some(),
             map_epoch = node.map_epoch(),
             data_dir = %node.config.data_dir.display(),
@@ -283,9 +328,9 @@ impl Node {
 
     #[doc(hidden)]
     /// The local replica of `shard` (the META group's for [`META`]), if this node hosts one.
-    pub fn local_shard(&self, shard: ShardId) -> Option<&Shard> {
+    pub fn local_shard(&self, shard: ShardId) -> Option<Arc<Shard>> {
         if shard == META {
-            self.meta.as_ref()
+            self.meta.clone()
         } else {
             self.router.local(shard)
         }
@@ -293,8 +338,10 @@ impl Node {
 
     #[doc(hidden)]
     /// Every local replica, the META group's last if this node hosts one.
-    pub fn local_shards(&self) -> impl Iterator<Item = &Shard> {
-        self.router.shards().chain(self.meta.iter())
+    pub fn local_shards(&self) -> Vec<Arc<Shard>> {
+        let mut shards = self.router.shards();
+        shards.extend(self.meta.iter().cloned());
+        shards
     }
 
     #[doc(hidden)]
@@ -506,7 +553,7 @@ impl Node {
                 (
                     *shard,
                     replicas.clone(),
-                    self.local_shard(*shard).map(Shard::view),
+                    self.local_shard(*shard).map(|s| s.view()),
                 )
             })
             .collect()
@@ -621,8 +668,12 @@ impl Node {
             store,
             router,
             meta,
+            groups,
+            replicas,
             ..
         } = self;
+        drop(replicas);
+        drop(groups);
         drop(router);
         drop(meta);
         store.release(std::time::Duration::from_secs(10)).await;
@@ -644,7 +695,10 @@ impl Node {
         for task in self.tasks.lock().expect("tasks lock").drain(..) {
             task.abort();
         }
-        join_all(self.local_shards().map(Shard::shutdown)).await;
+        if let Some(replicas) = &self.replicas {
+            replicas.stop();
+        }
+        join_all(self.local_shards().iter().map(|s| s.shutdown())).await;
     }
 
     fn check_key(&self, key: &[u8]) -> Result<()> {
@@ -717,6 +771,237 @@ fn map_replicas(map: &ClusterMap, shard: ShardId) -> Vec<u64> {
     };
     let nodes: Vec<u64> = entry.voters.iter().map(|r| r.node).collect();
     cluster::replicas(shard, &nodes, nodes.len()).unwrap_or(nodes)
+}
+
+/// This node's replica of `shard` in `map`: the voter on node `me`, else the pending move's
+/// `add` on `me` (a new replica, opened empty), else none.
+pub(crate) fn local_replica(map: &ClusterMap, shard: ShardId, me: u64) -> Option<u64> {
+    let entry = map.shards.get(&shard)?;
+    entry
+        .voters
+        .iter()
+        .chain(entry.pending.iter().flat_map(|m| m.add.iter()))
+        .find(|r| r.node == me)
+        .map(|r| r.id)
+}
+
+/// Finishes or starts the deletion of local state the map says this node no longer holds: a
+/// shard whose recorded replica (`storage::replica_record`, legacy = `me`) the map lists as
+/// retired on this node. Conservative on purpose: a replica the map merely does not list is
+/// kept (the cached map may predate the move that added it), so only the map's own `retired`
+/// list, which names a replica only once its group no longer counts it, deletes data here. A
+/// replica hosted under another id is retired when it opens (`Shard::open`).
+fn retire_leftovers(store: &Store, map: &ClusterMap, me: u64) -> Result<()> {
+    for shard in store.shards_on_disk()? {
+        let Some(entry) = map.shards.get(&shard) else {
+            continue;
+        };
+        if local_replica(map, shard, me).is_some() {
+            continue;
+        }
+        let recorded = store.shard_replica(shard, me)?;
+        if entry
+            .retired
+            .iter()
+            .any(|r| r.id == recorded && r.node == me)
+        {
+            tracing::info!(
+                shard,
+                replica = recorded,
+                "retiring a replica the map retired"
+            );
+            store.retire_shard(shard)?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens, closes and retires this node's replicas as the cluster map changes
+/// (docs/design/membership.md §1.4, §4.5, D8, D10), on a clustered node.
+///
+/// - A replica the map newly assigns to this node (a pending move's `add`) is opened empty and
+///   uninitialized: it joins its group only when the leader adds it as a learner and sends it
+///   appends or a snapshot; it never initializes a group itself.
+/// - A replica the map no longer lists on this node (after `FinishMove` it is in `retired`, no
+///   longer a voter) is taken out of routing and hibernation and shut down; after
+///   `retired_gc_after` its local state is retired (`Store::retire_shard`) and the node proposes
+///   `ForgetRetired` through its META replica, best effort.
+///
+/// Safety: the map lists a replica on this node from `StartMove` until `FinishMove`, which is
+/// committed only after the group's membership no longer holds it (D6), so a replica is never
+/// closed while its group may still count it. Its replica id is never reused (D3), so deleting
+/// its state cannot make a later replica here start from a log it did not write. Opening and
+/// retiring are serialized (`disk`), and a retire is skipped if a new incarnation opened
+/// meanwhile (whose open retired the old state already).
+pub(crate) struct ReplicaFollower {
+    store: Store,
+    config: Config,
+    peers: Arc<Peers>,
+    checks: Arc<LeadershipChecks>,
+    router: Arc<Router>,
+    groups: Arc<Groups>,
+    meta: Option<Arc<Shard>>,
+    /// Held while a replica's local state is opened or retired.
+    disk: tokio::sync::Mutex<()>,
+    /// Pending retirements (aborted when the node stops).
+    retirements: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for ReplicaFollower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaFollower").finish_non_exhaustive()
+    }
+}
+
+impl ReplicaFollower {
+    /// Makes the local replicas of data shards what `map` lists on this node.
+    async fn follow(self: &Arc<Self>, map: &ClusterMap) {
+        let me = self.config.node_id;
+        for (&shard, entry) in &map.shards {
+            if shard == META {
+                continue;
+            }
+            let want = local_replica(map, shard, me);
+            let have = self.router.local(shard).map(|s| s.replica_id());
+            if want == have {
+                continue;
+            }
+            if let Some(old) = have {
+                // A replica listed elsewhere, or under another id here, closes; its state is
+                // retired later (moved away) or by the new incarnation's open (new id).
+                let moved_away =
+                    want.is_none() && entry.retired.iter().any(|r| r.id == old && r.node == me);
+                self.close(shard, old, map.epoch, want.is_none()).await;
+                if want.is_none() && !moved_away {
+                    tracing::info!(
+                        shard,
+                        replica = old,
+                        "the map no longer lists this node's replica"
+                    );
+                }
+            }
+            if let Some(replica) = want {
+                self.open(shard, replica, map.epoch).await;
+            }
+        }
+    }
+
+    async fn open(self: &Arc<Self>, shard: ShardId, replica: u64, epoch: u64) {
+        let _disk = self.disk.lock().await;
+        let opened = open_shard(
+            &self.store,
+            &self.config,
+            (shard, replica),
+            Some(Arc::clone(&self.peers)),
+            Arc::clone(&self.checks),
+            None,
+        )
+        .await;
+        match opened {
+            Ok(opened) => {
+                let opened = Arc::new(opened);
+                self.groups.insert(opened.hibernation_group());
+                if let Some(old) = self.router.insert(opened) {
+                    old.shutdown().await;
+                }
+                tracing::info!(
+                    shard,
+                    replica,
+                    epoch,
+                    "opened a replica the map assigns here"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(shard, replica, epoch, error = %e, "opening a replica the map assigns here failed; the next map retries");
+            }
+        }
+    }
+
+    async fn close(self: &Arc<Self>, shard: ShardId, replica: u64, epoch: u64, retire: bool) {
+        let Some(old) = self.router.remove(shard) else {
+            return;
+        };
+        self.groups.remove(shard);
+        old.shutdown().await;
+        drop(old);
+        tracing::info!(
+            shard,
+            replica,
+            epoch,
+            "closed a replica the map no longer lists here"
+        );
+        if retire {
+            let this = Arc::clone(self);
+            let task = tokio::spawn(async move { this.retire_later(shard, replica).await });
+            self.retirements
+                .lock()
+                .expect("retirements lock")
+                .push(task);
+        }
+    }
+
+    /// After the grace period: retires `replica`'s local state of `shard` unless a replica of
+    /// the shard is open here again, then proposes `ForgetRetired` (best effort).
+    async fn retire_later(self: Arc<Self>, shard: ShardId, replica: u64) {
+        tokio::time::sleep(self.config.retired_gc_after()).await;
+        {
+            let _disk = self.disk.lock().await;
+            if self.router.local(shard).is_some() {
+                return;
+            }
+            let recorded = self.store.shard_replica(shard, self.config.node_id);
+            if !matches!(recorded, Ok(r) if r == replica) {
+                return;
+            }
+            let store = self.store.clone();
+            let retired = tokio::task::spawn_blocking(move || store.retire_shard(shard)).await;
+            match retired {
+                Ok(Ok(())) => tracing::info!(shard, replica, "retired a replica that moved away"),
+                Ok(Err(e)) => {
+                    tracing::warn!(shard, replica, error = %e, "retiring a replica failed; the next start retries");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(shard, replica, error = %e, "retiring a replica stopped");
+                    return;
+                }
+            }
+        }
+        let Some(meta) = &self.meta else {
+            return;
+        };
+        let forget = MetaChange::ForgetRetired { shard, replica };
+        match meta.write(Command::Meta(forget)).await {
+            Ok(_) => tracing::info!(shard, replica, "proposed ForgetRetired"),
+            Err(e) => {
+                tracing::debug!(shard, replica, error = %e, "ForgetRetired not proposed (best effort)")
+            }
+        }
+    }
+
+    /// Aborts pending retirements (the node is stopping).
+    fn stop(&self) {
+        for task in self.retirements.lock().expect("retirements lock").drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// Runs [`ReplicaFollower::follow`] on every newer map that lists this node. Runs until aborted.
+async fn follow_replicas(
+    follower: Arc<ReplicaFollower>,
+    mut maps: tokio::sync::watch::Receiver<Option<Arc<ClusterMap>>>,
+) {
+    maps.mark_changed();
+    while maps.changed().await.is_ok() {
+        let Some(map) = maps.borrow_and_update().clone() else {
+            continue;
+        };
+        if !map.nodes.contains_key(&follower.config.node_id) {
+            continue;
+        }
+        follower.follow(&map).await;
+    }
 }
 
 /// Keeps the peer set equal to every newer map's live nodes, so that a node added to the map
@@ -819,11 +1104,11 @@ fn check_identity(store: &Store, config: &Config) -> Result<Identity> {
     }
 }
 
-/// Opens replica `id` on this node with the transport the configuration calls for.
+/// Opens `replica` of shard `id` on this node with the transport the configuration calls for.
 async fn open_shard(
     store: &Store,
     config: &Config,
-    id: ShardId,
+    (id, replica): (ShardId, u64),
     peers: Option<Arc<Peers>>,
     checks: Arc<LeadershipChecks>,
     map_view: Option<Arc<MapView>>,
@@ -833,11 +1118,21 @@ async fn open_shard(
         Some(peers) => {
             let network = ShardNetwork::new(peers.clone(), id, Arc::clone(&horizon));
             let network = (network, horizon);
-            Shard::open(store, config, id, network, Some(peers), checks, map_view).await
+            Shard::open(
+                store,
+                config,
+                id,
+                replica,
+                network,
+                Some(peers),
+                checks,
+                map_view,
+            )
+            .await
         }
         None => {
             let network = (NoPeers, horizon);
-            Shard::open(store, config, id, network, None, checks, map_view).await
+            Shard::open(store, config, id, replica, network, None, checks, map_view).await
         }
     }
 }

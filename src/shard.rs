@@ -67,12 +67,42 @@ pub struct ShardView {
     pub hibernating: bool,
 }
 
+/// A group's membership as this replica knows it (the last one in its log, which openraft
+/// makes effective as soon as it is appended): voters and learners as replica → node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMembership {
+    /// The voter sets: one (uniform) or two (joint, old then new).
+    pub voters: Vec<BTreeMap<u64, u64>>,
+    /// Learners: replicas that receive the log but do not vote.
+    pub learners: BTreeMap<u64, u64>,
+    /// The log position of this membership, for [`Shard::replace_voters`]' precondition.
+    pub log_id: MembershipLogId,
+}
+
+impl GroupMembership {
+    /// True while the group is in a joint configuration.
+    pub fn is_joint(&self) -> bool {
+        self.voters.len() > 1
+    }
+}
+
+/// The log position of a group membership (opaque: compare it, hand it back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipLogId(Option<crate::raft::LogId>);
+
+impl MembershipLogId {
+    /// The log index of the membership entry (`None` for the initial empty membership).
+    pub fn index(&self) -> Option<u64> {
+        self.0.as_ref().map(|l| l.index())
+    }
+}
+
 /// One local replica of a shard.
 pub struct Shard {
     id: u64,
     node_id: u64,
-    /// This replica's Raft id in its group (see [`crate::raft::replica_node`]): the node id
-    /// until replicas move (milestone M3 takes it from the cluster map).
+    /// This replica's Raft id in its group (see [`crate::raft::replica_node`]): the map's
+    /// replica on this node (the node id for every replica that existed before moves).
     replica: u64,
     raft: ShardRaft,
     reader: StateReader,
@@ -148,14 +178,25 @@ pub fn raft_config(config: &Config, shard: u64) -> Result<openraft::Config> {
 }
 
 impl Shard {
-    /// Opens shard `id`'s replica on this node: its log in the WAL, its state machine (restored
-    /// from a snapshot if sled fell behind the log's purge point), and its Raft group.
-    /// `network` must record every commit index it sends in `horizon`. `map_view` is given for
-    /// the META group only: its state machine publishes the applied cluster map there.
+    /// Opens replica `replica` of shard `id` on this node: its log in the WAL, its state
+    /// machine (restored from a snapshot if sled fell behind the log's purge point), and its
+    /// Raft group, whose Raft id is `replica`. `network` must record every commit index it
+    /// sends in `horizon`. `map_view` is given for the META group only: its state machine
+    /// publishes the applied cluster map there.
+    ///
+    /// The shard's local state is opened only under the replica id it belongs to
+    /// ([`crate::storage::replica_record`]; none recorded = the node id). If that is another
+    /// replica id, the state is an earlier incarnation's and is retired first
+    /// ([`Store::retire_shard`]): the new replica starts empty and uninitialized, and waits for
+    /// its leader's appends or snapshot. Safety: a Raft id never sees a vote or log it did not
+    /// write itself, and the record names the new id only once the old state is gone, so a
+    /// crash in between retires again.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open<N>(
         store: &Store,
         config: &Config,
         id: u64,
+        replica: u64,
         (network, horizon): (N, Arc<CommitHorizon>),
         peers: Option<Arc<Peers>>,
         checks: Arc<LeadershipChecks>,
@@ -165,6 +206,17 @@ impl Shard {
         N: RaftNetworkFactory<TypeConfig>,
         N::Network: NetSnapshot<TypeConfig, SnapshotData = SnapshotFile>,
     {
+        let recorded = store.shard_replica(id, config.node_id)?;
+        if recorded != replica {
+            tracing::info!(
+                shard = id,
+                old = recorded,
+                new = replica,
+                "the shard's local state belongs to an earlier replica; retiring it"
+            );
+            store.retire_shard(id)?;
+        }
+        store.record_shard_replica(id, replica)?;
         let log = LogStore::new(store.wal().clone(), id);
         let purged = log.last_purged().map_err(|e| io_to_error(id, e))?;
         let mut sm =
@@ -176,8 +228,6 @@ impl Shard {
         #[cfg(feature = "planted-bugs")]
         let stall = sm.stall();
         let raft_config = Arc::new(raft_config(config, id)?);
-        // Every replica id equals its node id until replicas move (milestone M3).
-        let replica = config.node_id;
         let raft = ShardRaft::new(replica, raft_config, network, log.clone(), sm)
             .await
             .map_err(|e| Error::ShardStopped {
@@ -233,8 +283,8 @@ impl Shard {
     }
 
     /// This replica's Raft id in its group, the id a peer message for it names
-    /// (`PeerHeader.replica`, `ConfirmItem.replica`). Equal to the node id until replicas
-    /// move (milestone M3 changes only where it comes from).
+    /// (`PeerHeader.replica`, `ConfirmItem.replica`): the id the cluster map gives this
+    /// node's replica of the shard (the node id for replicas that existed before moves).
     pub fn replica_id(&self) -> u64 {
         self.replica
     }
@@ -283,6 +333,112 @@ impl Shard {
             },
             hibernating: self.activity.is_hibernating(),
         }
+    }
+
+    /// The group's membership as this replica knows it (see [`GroupMembership`]). A replica
+    /// whose membership entry names no node is reported on the node equal to its id (legacy).
+    pub fn membership(&self) -> GroupMembership {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let stored = &m.membership_config;
+        group_membership(self.id, stored.membership(), *stored.log_id())
+    }
+
+    /// Adds `replica`, hosted on `node`, to the group as a learner (design D6, first step).
+    /// Leader only. Does not wait for it to catch up (openraft's non-blocking mode): the caller
+    /// decides when it has, with [`Shard::matched`]. Idempotent: a replica already a learner or
+    /// voter is left as it is and the call succeeds.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotLeader`] (definite, nothing proposed) on a replica that does not lead; the
+    /// write errors of [`Shard::write`] otherwise.
+    pub async fn add_learner(&self, replica: u64, node: u64) -> Result<()> {
+        if self
+            .membership()
+            .voters
+            .iter()
+            .any(|v| v.contains_key(&replica))
+            || self.membership().learners.contains_key(&replica)
+        {
+            return Ok(());
+        }
+        self.raft
+            .add_learner(replica, replica_node(node), false)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.write_error(e))
+    }
+
+    /// The highest log index the leader knows `replica` holds (openraft's replication
+    /// progress); `None` if this replica does not lead or has not heard from it yet.
+    pub fn matched(&self, replica: u64) -> Option<u64> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        if replica == self.replica && m.state == openraft::ServerState::Leader {
+            return m.last_log_index;
+        }
+        m.replication
+            .as_ref()?
+            .get(&replica)?
+            .as_ref()
+            .map(|l| l.index())
+    }
+
+    /// Replaces the group's voters with `voters` (design D6, the membership step): openraft's
+    /// `change_membership_if(ReplaceAllVoters, retain = false)` guarded by
+    /// `LastMembershipLogId = expected`, so a second driver that observed an older membership
+    /// changes nothing. Commits the joint configuration, then the uniform one; returns the new
+    /// membership. Replicas left out stop receiving the log (`retain = false`). Every new voter
+    /// must be a learner or voter already (its node is taken from the membership).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotLeader`] on a replica that does not lead; a refusal (the precondition
+    /// failed, another change in progress) as [`Error::Unavailable`] naming openraft's reason.
+    /// A refusal of the first step writes nothing; one of the flattening step (or a lost
+    /// leadership) can leave the group joint, so after any error the caller observes
+    /// [`Shard::membership`] again instead of assuming either.
+    pub async fn replace_voters(
+        &self,
+        voters: std::collections::BTreeSet<u64>,
+        expected: &MembershipLogId,
+    ) -> Result<GroupMembership> {
+        let precondition = openraft::Precondition::LastMembershipLogId {
+            last_membership_log_id: expected.0,
+        };
+        let written = self
+            .raft
+            .change_membership_if(
+                openraft::ChangeMembers::ReplaceAllVoters(voters),
+                false,
+                [precondition],
+            )
+            .await
+            .map_err(|e| self.write_error(e))?;
+        Ok(match &written.membership {
+            Some(m) => group_membership(self.id, m, Some(written.log_id)),
+            None => self.membership(),
+        })
+    }
+
+    /// Asks the group to transfer leadership to `replica` (openraft's trigger): the leader
+    /// stops serving lease reads at once. It does not wait, and the transfer may not happen
+    /// (a lagging target, or no transport of the transfer message yet): callers observe the
+    /// group afterwards instead of assuming it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShardStopped`] if the group has stopped.
+    pub async fn transfer_leader(&self, replica: u64) -> Result<()> {
+        self.raft
+            .trigger()
+            .transfer_leader(replica)
+            .await
+            .map_err(|e| Error::ShardStopped {
+                shard: self.id,
+                reason: e.to_string(),
+            })
     }
 
     /// True if this replica leads its group right now.
@@ -691,18 +847,27 @@ impl Shard {
     /// [`crate::raft::apply_stall`]).
     #[cfg(feature = "planted-bugs")]
     #[doc(hidden)]
-    pub fn apply_stall(&self) -> &crate::raft::apply_stall::ApplyStall {
-        &self.stall
+    pub fn apply_stall(&self) -> Arc<crate::raft::apply_stall::ApplyStall> {
+        Arc::clone(&self.stall)
     }
 
-    /// True if this replica's stored vote names `leader` as the leader of `term` (a peer's
-    /// leadership check, see [`crate::leadership`]).
+    /// True if this replica's stored vote is for a leader of `term` hosted on node `leader`
+    /// (a peer's leadership check, see [`crate::leadership`]: the sender is known by its
+    /// node). The vote names a replica id; the group's membership maps it to its node.
     pub fn holds_vote_for(&self, term: u64, leader: u64) -> bool {
         #[cfg(feature = "planted-bugs")]
         if let Some(planted) = self.planted_holds_vote_for(term, leader) {
             return planted;
         }
-        self.log.holds_vote_for(term, leader)
+        let Ok(Some(vote)) = self.log.vote() else {
+            return false;
+        };
+        if vote.leader_id.term != term {
+            return false;
+        }
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        node_in(self.id, &m, vote.leader_id.node_id) == Some(leader)
     }
 
     /// A read index from openraft's `ReadIndex` linearizer: a quorum round through the group's
@@ -1052,6 +1217,30 @@ impl Shard {
                 }
             },
         )
+    }
+}
+
+/// `membership` (at `log_id`) as kvnode's [`GroupMembership`]: replica → node through each
+/// replica's entry (a replica whose entry names no node is reported on the node of its id).
+fn group_membership(
+    shard: u64,
+    membership: &openraft::Membership<u64, BasicNode>,
+    log_id: Option<crate::raft::LogId>,
+) -> GroupMembership {
+    let node = |replica: u64| {
+        membership
+            .get_node(&replica)
+            .and_then(|entry| entry_node(shard, replica, entry))
+            .unwrap_or(replica)
+    };
+    GroupMembership {
+        voters: membership
+            .get_joint_config()
+            .iter()
+            .map(|set| set.iter().map(|r| (*r, node(*r))).collect())
+            .collect(),
+        learners: membership.learner_ids().map(|r| (r, node(r))).collect(),
+        log_id: MembershipLogId(log_id),
     }
 }
 

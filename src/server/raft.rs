@@ -91,7 +91,7 @@ impl RaftService {
     }
 
     /// Checks `header` (see the module doc) and returns the local replica it addresses.
-    fn admit(&self, header: Option<&PeerHeader>, rpc: &str) -> Result<&Shard, Status> {
+    fn admit(&self, header: Option<&PeerHeader>, rpc: &str) -> Result<Arc<Shard>, Status> {
         let header = self.admit_peer(header, rpc)?;
         let node = self.node.config().node_id;
         let Some(shard) = self.node.local_shard(header.shard) else {
@@ -177,7 +177,7 @@ impl RaftService {
         &self,
         request: &RaftRequest,
         rpc: &str,
-    ) -> Result<(&Shard, T), Status> {
+    ) -> Result<(Arc<Shard>, T), Status> {
         let shard = self.admit(request.header.as_ref(), rpc)?;
         let message = decode(&request.payload, rpc)?;
         Ok((shard, message))
@@ -336,8 +336,9 @@ impl RaftTransport for RaftService {
             leading: self
                 .node
                 .local_shards()
+                .iter()
                 .filter(|shard| shard.is_leader())
-                .map(Shard::id)
+                .map(|shard| shard.id())
                 .collect(),
             map_epoch: self.node.map_epoch(),
         }))
@@ -364,9 +365,9 @@ impl RaftTransport for RaftService {
             .admit_peer(request.header.as_ref(), "confirm-leadership")?
             .from_node;
         // A shard this node does not host, another replica of it than the one hosted here, or
-        // one whose stored vote is another, is a no.
-        // The vote's leader is compared with the sender's node id: equal to the leader's
-        // replica id until replicas move (milestone M3 maps it through the membership).
+        // one whose stored vote is another, is a no. The vote names the leader's replica id;
+        // `holds_vote_for` maps it through the group's membership to its node, which must be
+        // the sender.
         let node = self.node.config().node_id;
         let confirmed = request
             .items

@@ -12,13 +12,20 @@
 //! <data-dir>/wal/              segments of the node-wide write-ahead log (+ LOCK)
 //! <data-dir>/sm/               the sled database holding every shard's state-machine tree
 //! <data-dir>/snapshots/<shard> snapshot files of each shard (META's: shard u64::MAX)
+//! <data-dir>/replicas/<shard>  the replica id the shard's local state belongs to
+//!                              ([`replica_record`]; none = the node id)
 //! ```
+//!
+//! A shard's local state is its WAL log, its sled tree and its snapshot folder, plus its
+//! replica record. [`Store::retire_shard`] deletes all of it in that order, each step durable
+//! before the next and each idempotent, so calling it again after a crash finishes the job.
 
 pub mod cluster_cache;
 pub mod codec;
 pub mod durable_file;
 pub mod error;
 pub mod identity;
+pub mod replica_record;
 pub mod snapshot_file;
 pub mod state_tree;
 pub mod wal;
@@ -150,6 +157,58 @@ impl Store {
     /// `shard`'s snapshot folder.
     pub fn snapshot_dir(&self, shard: u64) -> SnapshotDir {
         SnapshotDir::new(self.dir.join("snapshots").join(shard.to_string()))
+    }
+
+    /// The replica id `shard`'s local state belongs to: its record ([`replica_record`]), or
+    /// `legacy` (the node id) when none was written.
+    pub fn shard_replica(&self, shard: u64, legacy: u64) -> Result<u64> {
+        Ok(replica_record::read(&self.dir, shard)?.unwrap_or(legacy))
+    }
+
+    /// Records that `shard`'s local state belongs to `replica` (durable when it returns).
+    pub fn record_shard_replica(&self, shard: u64, replica: u64) -> Result<()> {
+        if replica_record::read(&self.dir, shard)? == Some(replica) {
+            return Ok(());
+        }
+        replica_record::write(&self.dir, shard, replica)
+    }
+
+    /// Deletes `shard`'s local state: its WAL log ([`Wal::retire`], durable), then its sled
+    /// trees, then its snapshot folder, then its replica record. Each step is idempotent and
+    /// durable before the next starts, so after a crash anywhere in between, calling it again
+    /// finishes the job (the node does so at open). Nothing of the shard may be open (no log
+    /// store or state machine of it in use).
+    pub fn retire_shard(&self, shard: u64) -> Result<()> {
+        if self.wal.shards().contains(&shard) {
+            self.wal.retire(shard)?;
+        }
+        state_tree::drop_shard(&self.db, &self.dir.join("sm"), shard)?;
+        let snapshots = self.snapshot_dir(shard);
+        let path = snapshots.path();
+        match fs::remove_dir_all(path) {
+            Ok(()) => durable_file::sync_dir(path.parent().unwrap_or(&self.dir))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+        replica_record::remove(&self.dir, shard)?;
+        tracing::info!(shard, "retired the shard's local state");
+        Ok(())
+    }
+
+    /// Every shard this directory holds any local state of (log, tree, snapshots or record).
+    pub fn shards_on_disk(&self) -> Result<std::collections::BTreeSet<u64>> {
+        let mut shards: std::collections::BTreeSet<u64> = self.wal.shards().into_iter().collect();
+        shards.extend(state_tree::shards_in(&self.db));
+        shards.extend(replica_record::shards(&self.dir)?);
+        let snapshots = self.dir.join("snapshots");
+        if let Ok(entries) = fs::read_dir(&snapshots) {
+            for entry in entries.flatten() {
+                if let Some(shard) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+                    shards.insert(shard);
+                }
+            }
+        }
+        Ok(shards)
     }
 
     /// The identity the directory was created with, if it was ever set.
@@ -367,6 +426,94 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for _ in 0..20 {
             drop(Store::open(dir.path(), StoreOptions::default()).unwrap());
+        }
+    }
+
+    /// Writes some local state of `shard`: a log entry and a vote, a tree key, a snapshot
+    /// file and a replica record.
+    fn fill_shard(store: &Store, shard: u64) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let done = move |r: Result<()>| tx.send(r.is_ok()).unwrap();
+        store
+            .wal()
+            .append(shard, 1, vec![b"entry".to_vec()], Box::new(done))
+            .unwrap();
+        assert!(rx.recv().unwrap());
+        let tree = store.state_tree(shard).unwrap();
+        let put = Write::Put(
+            b"k".to_vec(),
+            Versioned {
+                version: 1,
+                value: b"v".to_vec(),
+            },
+        );
+        tree.apply(&[put], b"applied", None).unwrap();
+        drop(tree);
+        let snapshots = store.snapshot_dir(shard);
+        fs::create_dir_all(snapshots.path()).unwrap();
+        fs::write(snapshots.path().join("snap-1"), b"x").unwrap();
+        store.record_shard_replica(shard, 12).unwrap();
+    }
+
+    /// True if nothing of `shard` is left, and shard 2 (not retired) is intact.
+    fn only_shard_2_left(store: &Store, shard: u64) {
+        assert!(!store.shards_on_disk().unwrap().contains(&shard));
+        assert!(store.wal().read(shard, ..).unwrap().is_empty());
+        assert!(!state_tree::has_shard(&store.db, shard));
+        assert!(!store.snapshot_dir(shard).path().exists());
+        assert_eq!(store.shard_replica(shard, 3).unwrap(), 3, "legacy again");
+        assert_eq!(store.wal().read(2, ..).unwrap().len(), 1);
+        let tree = store.state_tree(2).unwrap();
+        assert!(tree.get(b"k").unwrap().is_some());
+        assert_eq!(store.shard_replica(2, 3).unwrap(), 12);
+    }
+
+    #[test]
+    fn retire_shard_deletes_the_log_tree_snapshots_and_record_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        fill_shard(&store, 1);
+        fill_shard(&store, 2);
+        assert_eq!(store.shard_replica(1, 3).unwrap(), 12);
+        assert!(store.shards_on_disk().unwrap().is_superset(&[1, 2].into()));
+        store.retire_shard(1).unwrap();
+        only_shard_2_left(&store, 1);
+        store.retire_shard(1).unwrap();
+        only_shard_2_left(&store, 1);
+        drop(store);
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        only_shard_2_left(&store, 1);
+    }
+
+    /// A crash after each step of `retire_shard` (the steps it runs, done by hand, then the
+    /// store dropped without the rest): the reopened directory still lists the shard, and
+    /// calling `retire_shard` again finishes the job.
+    #[test]
+    fn a_retire_interrupted_after_any_step_is_finished_by_retiring_again() {
+        for steps in 1..=3 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            fill_shard(&store, 1);
+            fill_shard(&store, 2);
+            store.wal().retire(1).unwrap();
+            if steps >= 2 {
+                state_tree::drop_shard(&store.db, &dir.path().join("sm"), 1).unwrap();
+            }
+            if steps >= 3 {
+                fs::remove_dir_all(store.snapshot_dir(1).path()).unwrap();
+            }
+            drop(store);
+            let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            assert!(
+                store.shards_on_disk().unwrap().contains(&1),
+                "after {steps} steps the record (at least) is left"
+            );
+            assert!(
+                store.wal().read(1, ..).unwrap().is_empty(),
+                "the log went first"
+            );
+            store.retire_shard(1).unwrap();
+            only_shard_2_left(&store, 1);
         }
     }
 

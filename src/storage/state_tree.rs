@@ -244,6 +244,58 @@ fn data_key(key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// Drops every tree of `shard` (all generations) and its generation marker from `db`, then
+/// flushes: a replica that left this node ([`crate::storage::Store::retire_shard`]). Idempotent:
+/// a shard with no tree is left as it is. Trees go before the marker, so a crash in between
+/// leaves a marker naming a tree that no longer exists, which the next [`StateTree::open`]
+/// creates empty (or the next retire removes).
+pub(crate) fn drop_shard(db: &sled::Db, db_path: &Path, shard: u64) -> Result<()> {
+    let sled_err = |source| Error::Sled {
+        path: db_path.to_owned(),
+        source,
+    };
+    let prefix = format!("sm/{shard}/");
+    for name in db.tree_names() {
+        if let Ok(name) = std::str::from_utf8(&name)
+            && name.starts_with(&prefix)
+        {
+            db.drop_tree(name).map_err(sled_err)?;
+        }
+    }
+    let meta = db.open_tree(META_TREE).map_err(sled_err)?;
+    meta.remove(shard.to_be_bytes()).map_err(sled_err)?;
+    db.flush().map_err(sled_err)?;
+    Ok(())
+}
+
+/// True if `db` holds a tree or a generation marker of `shard`.
+#[cfg(test)]
+pub(crate) fn has_shard(db: &sled::Db, shard: u64) -> bool {
+    let prefix = format!("sm/{shard}/");
+    let tree = db
+        .tree_names()
+        .iter()
+        .any(|name| std::str::from_utf8(name).is_ok_and(|name| name.starts_with(&prefix)));
+    tree || db
+        .open_tree(META_TREE)
+        .is_ok_and(|meta| meta.contains_key(shard.to_be_bytes()).unwrap_or(false))
+}
+
+/// The shards `db` holds a tree of.
+pub(crate) fn shards_in(db: &sled::Db) -> Vec<u64> {
+    let mut shards: Vec<u64> = db
+        .tree_names()
+        .iter()
+        .filter_map(|name| {
+            let name = std::str::from_utf8(name).ok()?;
+            name.strip_prefix("sm/")?.split('/').next()?.parse().ok()
+        })
+        .collect();
+    shards.sort_unstable();
+    shards.dedup();
+    shards
+}
+
 impl StateTree {
     /// Opens `shard`'s active tree in `db` (at `db_path`, used in errors), dropping trees of
     /// other generations left by an interrupted snapshot install.

@@ -285,3 +285,47 @@ async fn a_corrupt_cluster_cache_is_ignored_with_a_warning() {
         node.close().await;
     }
 }
+
+/// A shard's local state belongs to the replica id recorded for it (`replicas/<shard>`; none
+/// recorded = the node id, every directory written before the record existed). Opened under
+/// another replica id, the old incarnation's log, vote and tree are retired first, never reused:
+/// here shard 0's record is made to name replica 99, and the reopened node (replica 1, from the
+/// map) starts that shard from nothing while every other shard keeps its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_opened_under_another_replica_id_never_reuses_the_old_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(config(dir.path())).await.unwrap();
+    let mut keys = std::collections::BTreeMap::new();
+    for i in 0..64u32 {
+        let key = format!("key-{i}").into_bytes();
+        node.put(&key, b"v".to_vec()).await.unwrap();
+        keys.insert(key.clone(), node.shard_for(&key));
+    }
+    assert!(keys.values().any(|s| *s == 0), "some key lives on shard 0");
+    let epoch = node.map_epoch();
+    cached_epoch(dir.path(), epoch).await;
+    node.close().await;
+    for shard in 0..8 {
+        let recorded = kvnode::storage::replica_record::read(dir.path(), shard).unwrap();
+        assert_eq!(recorded, Some(1), "shard {shard} is recorded as replica 1");
+    }
+    kvnode::storage::replica_record::write(dir.path(), 0, 99).unwrap();
+
+    let node = Node::open(config(dir.path())).await.unwrap();
+    assert_eq!(node.local_shard(0).unwrap().replica_id(), 1);
+    for (key, shard) in &keys {
+        let got = node.get(key, &ReadOptions::linearizable()).await.unwrap();
+        assert_eq!(
+            got.value.is_some(),
+            *shard != 0,
+            "key {:?} of shard {shard}",
+            String::from_utf8_lossy(key)
+        );
+    }
+    assert_eq!(
+        kvnode::storage::replica_record::read(dir.path(), 0).unwrap(),
+        Some(1),
+        "the record names the new incarnation"
+    );
+    node.close().await;
+}

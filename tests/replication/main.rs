@@ -1,10 +1,12 @@
 //! Replication over real sockets with in-process nodes, one test binary: the peer transport
-//! (`transport`), forwarding (`forwarding`), the META group and its map (`membership`), and
-//! the read levels under partitions and held applies (`consistency`).
+//! (`transport`), forwarding (`forwarding`), the META group and its map (`membership`), a
+//! replica move done by hand (`moves`), and the read levels under partitions and held applies
+//! (`consistency`).
 
 mod consistency;
 mod forwarding;
 mod membership;
+mod moves;
 mod transport;
 
 use std::future::Future;

@@ -276,7 +276,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listen = %listen,
         cluster = %node.config().cluster_id,
         peers = ?node.config().peers,
-        shards_hosted = node.local_shards().count(),
+        shards_hosted = node.local_shards().len(),
         "kvnode serving"
     );
     kvnode::server::serve(node.clone(), listener, shutdown_signal())
