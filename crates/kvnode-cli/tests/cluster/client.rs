@@ -10,6 +10,8 @@ use kvnode::{Config, Error, Node, ReadOptions, SessionToken};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::harness::kvctl;
+
 /// A node serving on 127.0.0.1:0 until dropped via [`Served::stop`].
 struct Served {
     addr: SocketAddr,
@@ -170,22 +172,6 @@ async fn an_unreachable_cluster_is_a_definite_failure() {
         "{e}: a refused connection cannot have run the put"
     );
     assert!(matches!(e, Error::Unavailable { .. }), "{e}");
-}
-
-async fn kvctl(addr: SocketAddr, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvctl"))
-        .arg("--endpoints")
-        .arg(addr.to_string())
-        .args(args)
-        .env_remove("KVNODE_ENDPOINTS")
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -24,6 +24,24 @@ pub const KVNODE: &str = env!("CARGO_BIN_EXE_kvnode");
 /// The test-only binary that arms a planted bug (see `kvnode::planted`).
 pub const KVNODE_PLANTED: &str = env!("CARGO_BIN_EXE_kvnode-planted");
 
+/// Runs `kvctl --endpoints ENDPOINT ARGS...` (with `KVNODE_ENDPOINTS` unset) and returns its
+/// exit code, stdout and stderr.
+pub async fn kvctl(endpoint: impl std::fmt::Display, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .arg("--endpoints")
+        .arg(endpoint.to_string())
+        .args(args)
+        .env_remove("KVNODE_ENDPOINTS")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
 /// A [`ProcessCluster`] of this package's `kvnode` (its methods through `Deref`).
 pub struct Cluster(ProcessCluster);
 

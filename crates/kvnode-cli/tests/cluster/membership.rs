@@ -16,23 +16,7 @@ use kvnode::pb::kv::{PutRequest, StatusRequest};
 use kvnode_testkit::eventually;
 use kvnode_testkit::process_cluster::ExtraNode;
 
-use crate::harness::{Cluster, SHARDS};
-
-async fn kvctl(endpoint: &str, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvctl"))
-        .arg("--endpoints")
-        .arg(endpoint)
-        .args(args)
-        .env_remove("KVNODE_ENDPOINTS")
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
+use crate::harness::{Cluster, SHARDS, kvctl};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_knows_the_same_seeded_map_and_kvctl_lists_its_nodes() {
