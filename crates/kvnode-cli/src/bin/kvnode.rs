@@ -1,14 +1,14 @@
 //! `kvnode`: runs one node. With no flags, a single node on 127.0.0.1:7001 keeping its data in
 //! `data/kvnode`; with `--peers`, one member of a cluster; with `--join ADDR`, a new member of
-//! the cluster ADDR belongs to (it gets its id and the cluster map from the cluster). SIGTERM or Ctrl-C shut it down
-//! cleanly (stop accepting, finish in-flight requests, stop the shards, flush, exit 0).
+//! the cluster ADDR belongs to (it gets its id and the cluster map from the cluster). SIGTERM
+//! or Ctrl-C shut it down cleanly (stop accepting, finish in-flight requests, stop the shards,
+//! flush, exit 0).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
