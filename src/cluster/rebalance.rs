@@ -612,60 +612,25 @@ fn balance_leaders(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::membership::{Applied, NodeEntry};
+    use crate::cluster::membership::Applied;
     use proptest::prelude::*;
 
     fn addr(id: NodeId) -> String {
         format!("n{id}:7001")
     }
 
-    /// A seeded map over nodes `1..=n`, as `seed::seed_map` derives it: every node Active with
-    /// key = id, replica id = node id, voters by placement.
+    /// A seeded map over nodes `1..=n` (`seed::seed_map` of a `--peers` cluster): every node
+    /// Active with key = id, replica id = node id, voters by placement.
     fn seeded(n: u64, shards: u32, rf: u8) -> ClusterMap {
-        let ids: Vec<NodeId> = (1..=n).collect();
-        let nodes = ids
-            .iter()
-            .map(|&id| {
-                let entry = NodeEntry {
-                    addr: addr(id),
-                    state: NodeState::Active,
-                    placement_key: id,
-                    since_epoch: 0,
-                };
-                (id, entry)
-            })
-            .collect();
-        let entries = (0..ShardId::from(shards))
-            .map(|s| (s, usize::from(rf)))
-            .chain([(META, meta_replication(ids.len()))])
-            .map(|(shard, size)| {
-                let mut voters: Vec<Replica> = placement::replicas(shard, &ids, size)
-                    .expect("valid placement")
-                    .into_iter()
-                    .map(|node| Replica { id: node, node })
-                    .collect();
-                voters.sort_unstable();
-                let entry = ShardEntry {
-                    conf_ver: 1,
-                    version: 1,
-                    voters,
-                    pending: None,
-                    retired: Vec::new(),
-                };
-                (shard, entry)
-            })
-            .collect();
-        let seed = ClusterMap {
-            cluster_uuid: 7,
-            name: "test".into(),
-            epoch: 0,
-            next_id: n + 1,
-            shard_count: shards,
-            points_per_shard: 64,
-            replication_factor: rf,
-            nodes,
-            shards: entries,
+        let config = crate::Config {
+            cluster_id: "test".into(),
+            node_id: 1,
+            peers: (1..=n).map(|id| (id, addr(id))).collect(),
+            shards,
+            replication_factor: usize::from(rf),
+            ..crate::Config::default()
         };
+        let seed = crate::cluster::seed::seed_map(&config, 7).expect("valid placement");
         let mut map = ClusterMap::default();
         assert_eq!(map.apply(MetaChange::Seed(seed)), Ok(Applied::Seeded));
         map
